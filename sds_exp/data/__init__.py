@@ -1,0 +1,1 @@
+"""Text sources (data mirror first, hub second) and calibration window sampling."""

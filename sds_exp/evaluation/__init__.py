@@ -1,0 +1,1 @@
+"""Evaluation: paper-protocol perplexity, measured sparsity, zero-shot through lm-eval."""

@@ -1,0 +1,148 @@
+"""What happens after every pipeline stage: perplexity, zero-shot, measured sparsity, weight histograms,
+tracking, and a metrics file rewritten on disk (so a failed job keeps what it measured)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
+from sds_exp.evaluation.sparsity import sparsity_report
+from sds_exp.tracking.results import read_json, write_json
+
+__all__ = ["PplSettings", "StageEvaluator", "plot_histograms"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PplSettings:
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    batch_size: int = 1
+    max_windows: int | None = None
+    stage_max_windows: dict[str, int] = field(default_factory=dict)
+
+
+class StageEvaluator:
+    """The ``on_stage`` callback of :func:`sds_exp.sds.pipeline.run_sds`.
+
+    Args:
+        tokenizer, data_dir, device: for the evaluation data and forward passes.
+        ppl: perplexity settings (None: no perplexity).
+        zeroshot: ``fn(stage, model) -> (metrics, versions)`` or None.
+        zeroshot_stages: stages at which zero-shot runs ("final" = ``final_stage``).
+        final_stage: the last stage of this job (evaluated on the full data).
+        layers: ``fn(model) -> {name: nn.Linear}`` prunable layers, for measured sparsity.
+        hist_layer: name of the layer whose weight histogram is kept per stage.
+        record: ``fn(metrics)`` called with every new batch of metrics (writes metrics.json, tracker).
+        cache_file: dense perplexity cache (JSON), keyed by ``cache_key`` + dataset + windows.
+    """
+
+    def __init__(self, *, tokenizer, data_dir, device, ppl: PplSettings | None, zeroshot, zeroshot_stages,
+                 final_stage: str, layers: Callable[[nn.Module], dict[str, nn.Linear]], hist_layer: str | None,
+                 record: Callable[[dict], None], cache_file: Path | None, cache_key: str, masks_of=None):
+        self.tokenizer, self.data_dir, self.device = tokenizer, data_dir, device
+        self.ppl, self.zeroshot, self.zeroshot_stages = ppl, zeroshot, list(zeroshot_stages or [])
+        self.final_stage, self.layers, self.hist_layer = final_stage, layers, hist_layer
+        self.record, self.cache_file, self.cache_key = record, cache_file, cache_key
+        self.histograms: dict[str, Tensor] = {}
+        self._ids: dict[str, Tensor] = {}
+
+    def token_ids(self, dataset: str) -> Tensor:
+        if dataset not in self._ids:
+            self._ids[dataset] = eval_token_ids(dataset, self.tokenizer, self.data_dir, self.ppl.seqlen)
+            log.info("%s: %d evaluation tokens, %d windows of %d", dataset, self._ids[dataset].numel(),
+                     self._ids[dataset].numel() // self.ppl.seqlen, self.ppl.seqlen)
+        return self._ids[dataset]
+
+    def _windows(self, stage: str) -> int | None:
+        limits = [self.ppl.max_windows]
+        if stage != self.final_stage and stage in (self.ppl.stage_max_windows or {}):
+            limits.append(self.ppl.stage_max_windows[stage])
+        limits = [int(x) for x in limits if x is not None]
+        return min(limits) if limits else None
+
+    def _cache_id(self, dataset: str, windows: int | None) -> str:
+        raw = json.dumps([self.cache_key, dataset, self.ppl.seqlen, windows], sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def __call__(self, stage: str, model: nn.Module) -> None:
+        metrics: dict[str, float] = {}
+        layers = self.layers(model)
+        sp = sparsity_report(layers)
+        metrics[f"{stage}/sparsity/actual"] = sp["actual"]
+        if self.hist_layer in layers:
+            self.histograms[stage] = layers[self.hist_layer].weight.detach().float().cpu().flatten().clone()
+        if self.ppl is not None:
+            for dataset in self.ppl.datasets:
+                metrics.update(self._perplexity(stage, dataset, model))
+        if self.zeroshot is not None and (stage in self.zeroshot_stages or
+                                          ("final" in self.zeroshot_stages and stage == self.final_stage)):
+            zs, _ = self.zeroshot(stage, model)
+            metrics.update({f"{stage}/zeroshot/{k}": v for k, v in zs.items()})
+        if stage == self.final_stage:
+            metrics.update({"final/" + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(stage + "/")})
+        model.to("cpu")
+        self.record(metrics, stage)
+
+    def _perplexity(self, stage: str, dataset: str, model: nn.Module) -> dict[str, float]:
+        windows = self._windows(stage)
+        prefix = f"{stage}/{dataset}"
+        key = self._cache_id(dataset, windows)
+        cache = read_json(self.cache_file) if stage == "dense" and self.cache_file and self.cache_file.is_file() else {}
+        if stage == "dense" and key in cache:
+            log.info("dense %s ppl from cache %s: %.4f", dataset, self.cache_file, cache[key][f"{prefix}/ppl"])
+            return {**cache[key], f"{prefix}/cached": 1.0}
+        result = perplexity(model, self.token_ids(dataset), self.ppl.seqlen, self.device, self.ppl.batch_size,
+                            windows, desc=f"{stage} {dataset}")
+        metrics = result.as_metrics(prefix)
+        if stage == "dense" and self.cache_file is not None:
+            cache = read_json(self.cache_file) if self.cache_file.is_file() else {}
+            cache[key] = metrics
+            write_json(self.cache_file, cache)
+        return metrics
+
+
+def plot_histograms(histograms: dict[str, Tensor], layer: str, out_dir: Path) -> dict[str, Path]:
+    """One PNG per stage plus one with all stages side by side (the paper's Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    lim = max(float(w.abs().quantile(0.999)) for w in histograms.values()) if histograms else 1.0
+    bins = torch.linspace(-lim, lim, 201).numpy()
+    for stage, w in histograms.items():
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.hist(w.numpy(), bins=bins, color="C0")
+        ax.set_yscale("log")
+        ax.set_title(f"{stage}: {layer}", fontsize=8)
+        ax.set_xlabel("weight")
+        fig.tight_layout()
+        paths[stage] = out_dir / f"hist_{stage}.png"
+        fig.savefig(paths[stage], dpi=110)
+        plt.close(fig)
+    if histograms:
+        fig, axes = plt.subplots(1, len(histograms), figsize=(3.2 * len(histograms), 3), sharey=True)
+        axes = [axes] if len(histograms) == 1 else list(axes)
+        for ax, (stage, w) in zip(axes, histograms.items()):
+            ax.hist(w.numpy(), bins=bins, color="C0")
+            ax.set_yscale("log")
+            ax.set_title(stage)
+        fig.suptitle(layer, fontsize=8)
+        fig.tight_layout()
+        paths["all"] = out_dir / "hist_stages.png"
+        fig.savefig(paths["all"], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,1 @@
+"""Model loading (hub, local directory, GGUF, tiny random models) and generic decoder-block discovery."""

@@ -1,0 +1,1 @@
+"""One-shot pruners (magnitude, Wanda, SparseGPT) and the pure mask functions they share."""

@@ -1,0 +1,84 @@
+"""Interfaces shared by the pruners and the statistics they collect from calibration activations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from sds_exp.spec import SparsitySpec
+
+__all__ = ["PruneResult", "StatsCollector", "Pruner", "RowNormStats", "HessianStats"]
+
+
+@dataclass
+class PruneResult:
+    """What a pruner returns for one linear layer; the layer itself is not modified.
+
+    Attributes:
+        weight: the new weight (fp32); SparseGPT also updates the surviving weights.
+        mask: bool, same shape as ``weight``, True = kept.
+    """
+
+    weight: Tensor
+    mask: Tensor
+
+
+class StatsCollector(Protocol):
+    def add_batch(self, inp: Tensor) -> None:
+        """Accumulate ``inp``: (batch, tokens, in_features), the input of one ``nn.Linear``."""
+
+
+class Pruner(Protocol):
+    needs_calibration: bool
+
+    def collector(self, in_features: int, device: torch.device) -> StatsCollector | None: ...
+
+    def prune(
+        self, weight: Tensor, stats: StatsCollector | None, spec: SparsitySpec, name: str = ""
+    ) -> PruneResult: ...
+
+
+def _as_3d(inp: Tensor) -> Tensor:
+    return inp if inp.dim() == 3 else inp.reshape(1, -1, inp.shape[-1])
+
+
+class RowNormStats:
+    """Wanda's ``scaler_row``: running mean over sequences of ||X_j||^2 (sum over tokens), fp32.
+
+    Matches ``WrappedGPT.add_batch`` in locuslab/wanda ``lib/layerwrapper.py``.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.scaler_row = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        inp = _as_3d(inp)
+        batch = inp.shape[0]
+        x = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
+        self.scaler_row *= self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        self.scaler_row += x.pow(2).sum(0) / self.nsamples
+
+
+class HessianStats:
+    """SparseGPT's H = (2/N) sum_samples X X^T as a running mean over sequences, fp32.
+
+    Matches ``SparseGPT.add_batch`` in IST-DASLab/sparsegpt ``sparsegpt.py``.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        inp = _as_3d(inp)
+        batch = inp.shape[0]
+        self.H *= self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        x = math.sqrt(2 / self.nsamples) * inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
+        self.H.addmm_(x.t(), x)

@@ -1,0 +1,72 @@
+"""Pure mask selection: scores in, boolean keep-masks out (True = kept).
+
+Selection is by index after a stable sort, never by a ``<= threshold`` comparison, so ties (frequent in
+4-bit dequantized weights, and in re-pruned weights with exact zeros) never over-prune: the number of
+pruned entries is exactly what the rule implies, and ties go to the lower index first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sds_exp.spec import SparsitySpec
+
+__all__ = ["prune_lowest", "nm_mask", "select_mask", "sparsity_of", "check_nm"]
+
+
+def prune_lowest(scores: Tensor, count: int, dim: int | None = None) -> Tensor:
+    """Keep-mask that prunes the ``count`` lowest scores, per slice along ``dim`` or over the whole tensor.
+
+    Args:
+        scores: any shape.
+        count: entries pruned per row (``dim=-1``) or in total (``dim=None``).
+        dim: None for a global ranking, -1 for per-row ranking.
+    """
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if count <= 0:
+        return mask
+    if dim is None:
+        idx = torch.sort(scores.flatten(), stable=True).indices[:count]
+        mask.view(-1)[idx] = False
+        return mask
+    idx = torch.sort(scores, dim=dim, stable=True).indices.narrow(dim, 0, count)
+    return mask.scatter_(dim, idx, False)
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive input columns of each row.
+
+    Args:
+        scores: (out_features, in_features); in_features must be divisible by ``m``.
+    """
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"in_features={cols} is not divisible by M={m}")
+    groups = scores.reshape(rows, cols // m, m)
+    # stable sort: among equal scores the lower column index is pruned first
+    idx = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
+    mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, idx, False)
+    return mask.reshape(rows, cols)
+
+
+def select_mask(scores: Tensor, spec: SparsitySpec, group: str) -> Tensor:
+    """Keep-mask for ``spec`` with the comparison ``group`` ("row" or "matrix") for unstructured sparsity."""
+    if spec.structured:
+        return nm_mask(scores, spec.n, spec.m)
+    if group == "row":
+        return prune_lowest(scores, int(scores.shape[1] * spec.ratio), dim=-1)
+    if group == "matrix":
+        return prune_lowest(scores, int(scores.numel() * spec.ratio), dim=None)
+    raise ValueError(f"comparison group {group!r} is not one of 'row', 'matrix'")
+
+
+def sparsity_of(mask: Tensor) -> float:
+    """Fraction of pruned (False) entries."""
+    return 1.0 - mask.float().mean().item()
+
+
+def check_nm(mask: Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive inputs of every row keeps exactly ``n`` weights."""
+    rows, cols = mask.shape
+    return bool((mask.reshape(rows, cols // m, m).sum(-1) == n).all())

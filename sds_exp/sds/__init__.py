@@ -1,0 +1,1 @@
+"""The SDS method: sequential block walking, Gram-form layer reconstruction, and the pipeline."""

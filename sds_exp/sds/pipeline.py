@@ -1,0 +1,134 @@
+"""SDS: Sparse-Dense-Sparse pruning (Li et al., arXiv 2408.10473), the one-screen story.
+
+    dense ──prune──▶ sparse ──reactivate──▶ dense' ──reprune──▶ sparse' ──adjust──▶ sparse''
+
+``on_stage(name, model)`` is called after every stage, so evaluation, tracking and checkpoints plug in
+without the pipeline importing them. Stage names are the constants in :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sds_exp.pruners.base import Pruner
+from sds_exp.sds.reconstruct import ReconstructSettings
+from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, reprune_model, snapshot_weights
+from sds_exp.spec import SparsitySpec
+
+__all__ = ["STAGES", "SDSConfig", "SDSResult", "run_sds", "mask_overlap"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("dense", "prune", "reactivate", "reprune", "adjust")
+
+
+@dataclass
+class SDSConfig:
+    """Which stages run and how (``conf/sds/*.yaml``).
+
+    Args:
+        redense: run steps 2 and 3 (False: the one-shot baseline, ``sds=prune_only``).
+        inputs: student inputs of step 2: "sparse" (the pruned model's, SD-data) or "dense" (DD-data).
+        reactivate: optimisation settings of step 2.
+        adjust: "true" | "false" | "auto" weight adjustment after the re-prune.
+        adjustment: optimisation settings of the adjustment.
+        adjust_group: comparison group of the top-|W| projection for unstructured sparsity.
+    """
+
+    redense: bool = True
+    inputs: str = "sparse"
+    reactivate: ReconstructSettings = field(default_factory=ReconstructSettings)
+    adjust: str = "auto"
+    adjustment: ReconstructSettings = field(default_factory=ReconstructSettings)
+    adjust_group: str = "row"
+
+    def __post_init__(self) -> None:
+        self.adjust = str(self.adjust).lower()
+        if self.adjust not in ("true", "false", "auto"):
+            raise ValueError(f"sds.adjust={self.adjust!r}; allowed: true, false, auto")
+        if self.inputs not in ("sparse", "dense"):
+            raise ValueError(f"sds.inputs={self.inputs!r}; allowed: sparse, dense")
+        if self.adjust_group not in ("row", "matrix"):
+            raise ValueError(f"sds.adjust_group={self.adjust_group!r}; allowed: row, matrix")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        if not self.redense:
+            return STAGES[:2]
+        return STAGES if self.adjust != "false" else STAGES[:4]
+
+
+@dataclass
+class SDSResult:
+    masks: dict[str, Tensor]                      # final keep-masks, by layer
+    first_masks: dict[str, Tensor]                # masks of the first prune
+    seconds: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, dict] = field(default_factory=dict)  # stage -> layer -> loss numbers
+
+
+def mask_overlap(first: dict[str, Tensor], second: dict[str, Tensor]) -> float:
+    """Fraction of the second mask's kept weights that the first mask kept too."""
+    both = sum(int((first[n] & second[n]).sum()) for n in second)
+    kept = sum(int(second[n].sum()) for n in second)
+    return both / max(kept, 1)
+
+
+@contextmanager
+def swapped_weights(model: nn.Module, weights: dict[str, Tensor]):
+    """Temporarily load ``weights`` (by layer name) into the model."""
+    layers = dict(model.named_modules())
+    saved = {n: layers[n].weight.detach().clone() for n in weights}
+    try:
+        for n, w in weights.items():
+            layers[n].weight.data.copy_(w.to(layers[n].weight.dtype))
+        yield model
+    finally:
+        for n, w in saved.items():
+            layers[n].weight.data.copy_(w)
+
+
+def run_sds(
+    model: nn.Module, calib: Tensor, pruner: Pruner, spec: SparsitySpec, config: SDSConfig,
+    regularizer: Callable[[Tensor], Tensor] | None = None, *, device: torch.device | str = "cpu",
+    batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
+    on_stage: Callable[[str, nn.Module], None] = lambda name, model: None,
+) -> SDSResult:
+    """Run SDS (or the one-shot baseline when ``config.redense`` is False) on ``model`` in place."""
+    common = {"device": device, "batch_size": batch_size, "ignore": ignore}
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter
+
+    on_stage("dense", model)
+    dense = snapshot_weights(prunable_layers(model, ignore)) if config.redense else {}
+
+    t = clock()  # step 1: one-shot prune
+    first = prune_model(model, calib, pruner, spec, **common)
+    seconds["prune"] = clock() - t
+    on_stage("prune", model)
+    if not config.redense:
+        return SDSResult(masks=first, first_masks=first, seconds=seconds)
+
+    t = clock()  # step 2: dense re-activation with sparse regularisation
+    react = reactivate_model(model, calib, dense, config.reactivate, regularizer, inputs=config.inputs, **common)
+    seconds["reactivate"] = clock() - t
+    on_stage("reactivate", model)
+
+    t = clock()  # step 3: re-prune with fresh statistics, then adjust under a moving mask
+    second = reprune_model(model, calib, dense, pruner, spec, config.adjust, config.adjustment,
+                           adjust_group=config.adjust_group, **common)
+    seconds["reprune"] = clock() - t
+    if config.adjust == "false":
+        on_stage("reprune", model)
+    else:
+        with swapped_weights(model, {n: w for n, (w, _) in second.plain.items()}):
+            on_stage("reprune", model)  # the plain re-prune, before adjustment
+        on_stage("adjust", model)
+    reports = {"reactivate": react, "reprune": second.report}
+    return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports)

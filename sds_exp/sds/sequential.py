@@ -1,0 +1,155 @@
+"""Block-by-block passes over the calibration stream.
+
+Linear layers that receive the very same input tensor in a forward (q/k/v, gate/up) share one
+statistics object: their Wanda norms, SparseGPT Hessians and Gram matrices are identical, so they are
+accumulated once (the references compute them once per layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sds_exp.models.blocks import BlockInputs, decoder_blocks, find_linears
+from sds_exp.sds.gram import GramStats
+
+__all__ = ["walk_blocks", "collect_stats", "paired_pass", "dense_copy"]
+
+log = logging.getLogger(__name__)
+
+
+def walk_blocks(model: nn.Module, device: torch.device | str, desc: str) -> Iterator[tuple[int, nn.Module, str]]:
+    """Yield (index, block, dotted prefix) with the block moved to ``device``; moved back afterwards."""
+    path, blocks = decoder_blocks(model)
+    for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+        home = next(block.parameters()).device
+        block.to(device)
+        yield i, block, f"{path}.{i}"
+        block.to(home)
+
+
+def dense_copy(block: nn.Module, prefix: str, dense_weights: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``block`` with its linear weights replaced by the stored dense (teacher) weights."""
+    teacher = copy.deepcopy(block)
+    for name, layer in find_linears(teacher, prefix).items():
+        if name in dense_weights:
+            layer.weight.data.copy_(dense_weights[name])
+    return teacher
+
+
+class _SharedInputs:
+    """Maps layers to one statistics object per distinct input tensor, decided on the first batch."""
+
+    def __init__(self, layers: dict[str, nn.Linear], make: Callable[[nn.Linear], object]) -> None:
+        self.layers, self.make = layers, make
+        self.stats: dict[str, object] = {}
+        self.leader: dict[str, str] = {}  # layer -> the layer whose statistics it shares
+        self._seen: dict[int, tuple[str, Tensor]] = {}  # id(input) -> (first layer, input) in this batch
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+
+    def route(self, name: str, x: Tensor) -> str | None:
+        """The layer whose statistics ``x`` must be added to, or None when already added in this batch."""
+        if name not in self.leader:  # first batch: group layers by input identity
+            first = self._seen.get(id(x))
+            self.leader[name] = first[0] if first is not None and first[1] is x else name
+            if self.leader[name] == name:
+                self.stats[name] = self.make(self.layers[name])
+        lead = self.leader[name]
+        if lead != name:
+            return None
+        self._seen[id(x)] = (name, x)  # holding x keeps its id unique for the batch
+        return name
+
+    def result(self) -> dict[str, object]:
+        return {name: self.stats[lead] for name, lead in self.leader.items()}
+
+
+def _hooks(layers: dict[str, nn.Linear], fn: Callable[[str, Tensor], None]) -> list:
+    return [layer.register_forward_hook(lambda m, a, o, _n=name: fn(_n, a[0])) for name, layer in layers.items()]
+
+
+@torch.no_grad()
+def collect_stats(
+    block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs, make: Callable[[nn.Linear], object],
+    out: Tensor | None = None,
+) -> dict[str, object]:
+    """Forward ``inputs`` through ``block`` feeding each layer's input to ``make(layer).add_batch``.
+
+    If ``out`` is given, the block outputs are written there (one pass gives statistics and outputs).
+    """
+    shared = _SharedInputs(layers, make)
+
+    def fn(name: str, x: Tensor) -> None:
+        lead = shared.route(name, x)
+        if lead is not None:
+            shared.stats[lead].add_batch(x)
+
+    handles = _hooks(layers, fn)
+    try:
+        for sl, kwargs in inputs.batches():
+            shared.new_batch()
+            y = block(inputs.hidden[sl], **kwargs)
+            if out is not None:
+                out[sl] = y[0] if isinstance(y, tuple) else y
+    finally:
+        for h in handles:
+            h.remove()
+    return shared.result()
+
+
+@torch.no_grad()
+def paired_pass(
+    student: nn.Module, teacher: nn.Module, prefix: str, xs: BlockInputs, xd: BlockInputs,
+    ignore: list[str] | tuple[str, ...] = (), make_extra: Callable[[nn.Linear], object] | None = None,
+    student_out: Tensor | None = None, teacher_out: Tensor | None = None,
+) -> tuple[dict[str, GramStats], dict[str, object]]:
+    """One pass over a block with two streams: the teacher (dense block, dense inputs ``xd``) and the
+    student (current block, inputs ``xs``), token-aligned.
+
+    Returns per-layer :class:`GramStats` (X_s X_s^T, X_s X_d^T, X_d X_d^T) and, if ``make_extra`` is
+    given, extra statistics (e.g. a pruner's) of the student inputs. Block outputs go to
+    ``student_out``/``teacher_out`` when given.
+    """
+    s_layers = find_linears(student, prefix, ignore)
+    t_layers = find_linears(teacher, prefix, ignore)
+    device = xs.hidden.device
+    grams = _SharedInputs(s_layers, lambda lin: GramStats(lin.in_features, device, cross=True))
+    extra = _SharedInputs(s_layers, make_extra) if make_extra is not None else None
+    teacher_inputs: dict[str, Tensor] = {}
+
+    def on_teacher(name: str, x: Tensor) -> None:
+        teacher_inputs[name] = x
+
+    def on_student(name: str, x: Tensor) -> None:
+        lead = grams.route(name, x)
+        if lead is not None:
+            grams.stats[lead].add(x, teacher_inputs[name])
+        if extra is not None:
+            lead = extra.route(name, x)
+            if lead is not None:
+                extra.stats[lead].add_batch(x)
+
+    handles = _hooks(t_layers, on_teacher) + _hooks(s_layers, on_student)
+    try:
+        for sl, kwargs in xs.batches():
+            grams.new_batch()
+            if extra is not None:
+                extra.new_batch()
+            teacher_inputs.clear()
+            yt = teacher(xd.hidden[sl], **kwargs)
+            ys = student(xs.hidden[sl], **kwargs)
+            if teacher_out is not None:
+                teacher_out[sl] = yt[0] if isinstance(yt, tuple) else yt
+            if student_out is not None:
+                student_out[sl] = ys[0] if isinstance(ys, tuple) else ys
+    finally:
+        for h in handles:
+            h.remove()
+    return grams.result(), (extra.result() if extra is not None else {})

@@ -1,0 +1,202 @@
+"""The three SDS stages as sequential passes over the decoder blocks.
+
+Each stage walks the blocks in order; a block's calibration inputs come from the blocks before it as
+they are after this stage's own changes (the references' sequential protocol):
+
+* :func:`prune_model`      step 1: statistics on the stream, prune, forward the pruned block.
+* :func:`reactivate_model` step 2: teacher = dense block on dense inputs; student inputs = the pruned
+  model's stream ("SD-data", ``inputs="sparse"``) or the dense stream (``inputs="dense"``); every
+  entry of each linear is trainable again, starting from the pruned weight.
+* :func:`reprune_model`    step 3: statistics recomputed on the re-activated model, prune again with
+  the same pruner, then (optionally) adjust the weights by projected gradient descent towards the
+  dense outputs, with the top-|W| mask re-selected under the pattern after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from sds_exp.models.blocks import BlockInputs, capture_block_inputs, decoder_blocks, find_linears
+from sds_exp.pruners.base import Pruner
+from sds_exp.sds.gram import GramStats
+from sds_exp.sds.reconstruct import ReconstructSettings, magnitude_projector, reconstruct
+from sds_exp.sds.sequential import collect_stats, dense_copy, paired_pass, walk_blocks
+from sds_exp.spec import SparsitySpec
+
+__all__ = ["prunable_layers", "validate_layers", "snapshot_weights", "prune_model", "reactivate_model",
+           "reprune_model", "RepruneOutcome", "ADJUST_MODES"]
+
+log = logging.getLogger(__name__)
+
+ADJUST_MODES = ("true", "false", "auto")
+
+
+def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The linear layers of all decoder blocks (never embeddings or the LM head), minus ``ignore``."""
+    path, blocks = decoder_blocks(model)
+    return find_linears(blocks, path, ignore)
+
+
+def validate_layers(layers: dict[str, nn.Linear], spec: SparsitySpec) -> None:
+    """N:M needs every pruned layer's input width divisible by M; names the first that is not."""
+    if not spec.structured:
+        return
+    for name, layer in layers.items():
+        if layer.in_features % spec.m:
+            raise ValueError(
+                f"layer {name} has in_features={layer.in_features}, not divisible by M={spec.m} of pattern "
+                f"{spec}; leave it dense with ignore=['{name}'] or choose another M"
+            )
+
+
+def snapshot_weights(layers: dict[str, nn.Linear]) -> dict[str, Tensor]:
+    """CPU copies of the layers' weights (the teacher of steps 2 and 3)."""
+    return {name: layer.weight.detach().to("cpu", copy=True) for name, layer in layers.items()}
+
+
+def _write(layer: nn.Linear, weight: Tensor) -> None:
+    layer.weight.data.copy_(weight.to(layer.weight.dtype))
+
+
+def _capture(model: nn.Module, calib: Tensor, device, batch_size: int) -> BlockInputs:
+    return capture_block_inputs(model, calib, device, batch_size)
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module, calib: Tensor, pruner: Pruner, spec: SparsitySpec, *, device="cpu", batch_size: int = 8,
+    ignore: list[str] | tuple[str, ...] = (), desc: str = "prune",
+) -> dict[str, Tensor]:
+    """Prune every block's linear layers in place; returns the keep-masks by layer name (CPU, bool)."""
+    validate_layers(prunable_layers(model, ignore), spec)
+    masks: dict[str, Tensor] = {}
+    if not pruner.needs_calibration:
+        for name, layer in prunable_layers(model, ignore).items():
+            result = pruner.prune(layer.weight, None, spec, name)
+            _write(layer, result.weight)
+            masks[name] = result.mask.cpu()
+        return masks
+    stream = _capture(model, calib, device, batch_size)
+    out = torch.empty_like(stream.hidden)
+    for _, block, prefix in walk_blocks(model, device, desc):
+        layers = find_linears(block, prefix, ignore)
+        stats = collect_stats(block, layers, stream, lambda lin: pruner.collector(lin.in_features, device))
+        for name, layer in layers.items():
+            result = pruner.prune(layer.weight, stats[name], spec, name)
+            _write(layer, result.weight)
+            masks[name] = result.mask.cpu()
+        del stats
+        stream.hidden, out = _forward(block, stream, out), stream.hidden
+    return masks
+
+
+def _forward(block: nn.Module, stream: BlockInputs, out: Tensor) -> Tensor:
+    from sds_exp.models.blocks import run_block
+
+    return run_block(block, stream, out)
+
+
+@torch.no_grad()
+def reactivate_model(
+    model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], settings: ReconstructSettings,
+    regularizer=None, *, inputs: str = "sparse", device="cpu", batch_size: int = 8,
+    ignore: list[str] | tuple[str, ...] = (),
+) -> dict[str, dict[str, float]]:
+    """SDS step 2 in place: every linear becomes dense again; returns per-layer loss reports."""
+    if inputs not in ("sparse", "dense"):
+        raise ValueError(f"reactivate inputs={inputs!r}; allowed: 'sparse' (SD-data), 'dense' (DD-data)")
+    xd = _capture(model, calib, device, batch_size)
+    xs = xd.clone() if inputs == "sparse" else None  # embeddings are never pruned: same start
+    xd_out = torch.empty_like(xd.hidden)
+    xs_out = torch.empty_like(xd.hidden) if xs is not None else None
+    report: dict[str, dict[str, float]] = {}
+    for _, block, prefix in walk_blocks(model, device, "reactivate"):
+        teacher = dense_copy(block, prefix, dense_weights)
+        if xs is not None:
+            grams, _ = paired_pass(block, teacher, prefix, xs, xd, ignore, student_out=xs_out, teacher_out=xd_out)
+        else:
+            t_layers = find_linears(teacher, prefix, ignore)
+            grams = collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out)
+        for name, layer in find_linears(block, prefix, ignore).items():
+            problem = grams[name].problem(dense_weights[name])
+            W, _, info = reconstruct(layer.weight, problem, settings, regularizer, name=name)
+            _write(layer, W)
+            report[name] = info
+        del teacher, grams
+        xd.hidden, xd_out = xd_out, xd.hidden
+        if xs is not None:
+            xs.hidden, xs_out = xs_out, xs.hidden
+    return report
+
+
+class _PlainGram(GramStats):
+    def add_batch(self, x: Tensor) -> None:
+        self.add(x)
+
+
+def _plain_gram(device):
+    return lambda lin: _PlainGram(lin.in_features, device, cross=False)
+
+
+@dataclass
+class RepruneOutcome:
+    masks: dict[str, Tensor]                               # final keep-masks
+    plain: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (weight, mask) before adjust, where adjusted
+    report: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def reprune_model(
+    model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], pruner: Pruner, spec: SparsitySpec,
+    adjust: str = "auto", settings: ReconstructSettings | None = None, *, adjust_group: str = "row",
+    device="cpu", batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
+) -> RepruneOutcome:
+    """SDS step 3 in place: prune the re-activated model again and adjust its weights.
+
+    Args:
+        adjust: "true" (always keep the adjusted weights), "false" (plain re-prune), "auto" (per layer,
+            keep the adjusted weights only if they lower the calibration reconstruction loss).
+        settings: optimisation settings of the adjustment.
+        adjust_group: comparison group of the top-|W| projection for unstructured sparsity ("row" or "matrix").
+    """
+    adjust = str(adjust).lower()
+    if adjust not in ADJUST_MODES:
+        raise ValueError(f"adjust={adjust!r}; allowed: true, false, auto")
+    if adjust != "false" and settings is None:
+        raise ValueError("adjust needs ReconstructSettings")
+    validate_layers(prunable_layers(model, ignore), spec)
+    xr = _capture(model, calib, device, batch_size)
+    xd = xr.clone()
+    xd_out = torch.empty_like(xd.hidden)
+    xr_out = torch.empty_like(xr.hidden)
+    project = magnitude_projector(spec, adjust_group)
+    outcome = RepruneOutcome(masks={})
+    make = (lambda lin: pruner.collector(lin.in_features, device)) if pruner.needs_calibration else None
+    for _, block, prefix in walk_blocks(model, device, "reprune"):
+        teacher = dense_copy(block, prefix, dense_weights)
+        grams, stats = paired_pass(block, teacher, prefix, xr, xd, ignore, make_extra=make, teacher_out=xd_out)
+        for name, layer in find_linears(block, prefix, ignore).items():
+            plain = pruner.prune(layer.weight, stats.get(name), spec, name)
+            problem = grams[name].problem(dense_weights[name])
+            info = {"loss_plain": problem.loss(plain.weight.to(problem.A.device))}
+            weight, mask = plain.weight, plain.mask
+            if adjust != "false":
+                W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
+                info["loss_adjusted"] = adj["loss_after"]
+                keep = adjust == "true" or adj["loss_after"] < info["loss_plain"]
+                info["adjust_kept"] = float(keep)
+                if keep:
+                    outcome.plain[name] = (plain.weight.cpu(), plain.mask.cpu())
+                    weight, mask = W, M
+            _write(layer, weight)
+            outcome.masks[name] = mask.cpu()
+            outcome.report[name] = info
+        del teacher, grams, stats
+        _forward(block, xr, xr_out)
+        xr.hidden, xr_out = xr_out, xr.hidden
+        xd.hidden, xd_out = xd_out, xd.hidden
+    return outcome
