@@ -2,8 +2,8 @@
 
 ``conf/logger/*.yaml`` picks one; the app builds it with the node's keys plus ``config=<resolved
 config>, dir=<run dir>, name=<job name>`` and runs the job inside ``with tracker:``. Build it with
-``get_class(node._target_)(**node, config=...)``, not ``instantiate(node, config=...)``: ``config`` is
-the name of ``instantiate``'s own first parameter ("got multiple values for argument 'config'").
+``get_class(node._target_)(**node, config=...)``, not ``instantiate(node, config=...)``: ``config``
+is the name of ``instantiate``'s own first parameter ("got multiple values for argument 'config'").
 ``NullTracker`` is the default, so nothing below the app ever branches on whether W&B is on.
 
 ``WandbTracker`` opens one W&B run per ``with`` block (``reinit="create_new"``) and always finishes

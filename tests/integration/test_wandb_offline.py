@@ -183,7 +183,9 @@ def test_logger_config_instantiates(tmp_path: Path) -> None:
     logger = OmegaConf.load(REPO_ROOT / "conf" / "logger" / "wandb.yaml")
     cfg = OmegaConf.create({"tags": ["dev", "table2"], "logger": logger})
     node = OmegaConf.to_container(cfg.logger, resolve=True)  # what the app does
-    tracker = get_class(node.pop("_target_"))(**node, config={"seed": 0}, dir=str(tmp_path), name="job")
+    tracker = get_class(node.pop("_target_"))(
+        **node, config={"seed": 0}, dir=str(tmp_path), name="job"
+    )
     assert isinstance(tracker, WandbTracker)
     assert (tracker.mode, tracker.project, tracker.entity, tracker.group) == (
         "offline",
