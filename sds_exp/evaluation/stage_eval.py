@@ -66,8 +66,8 @@ class StageEvaluator:
 
     def _windows(self, stage: str) -> int | None:
         limits = [self.ppl.max_windows]
-        if stage != self.final_stage and stage in (self.ppl.stage_max_windows or {}):
-            limits.append(self.ppl.stage_max_windows[stage])
+        if stage != self.final_stage:
+            limits.append((self.ppl.stage_max_windows or {}).get(stage))
         limits = [int(x) for x in limits if x is not None]
         return min(limits) if limits else None
 

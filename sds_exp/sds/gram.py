@@ -29,11 +29,12 @@ class GramStats:
     With ``cross=False`` the student sees the teacher's inputs (X_s = X_d) and only one Gram is kept.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", cross: bool = True) -> None:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", cross: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
         shape = (in_features, in_features)
-        self.ss = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.sd = torch.zeros(shape, dtype=torch.float32, device=device) if cross else None
-        self.dd = torch.zeros(shape, dtype=torch.float32, device=device) if cross else None
+        self.ss = torch.zeros(shape, dtype=dtype, device=device)
+        self.sd = torch.zeros(shape, dtype=dtype, device=device) if cross else None
+        self.dd = torch.zeros(shape, dtype=dtype, device=device) if cross else None
         self.tokens = 0
         self.nsamples = 0
 
@@ -44,13 +45,13 @@ class GramStats:
     def add(self, xs: Tensor, xd: Tensor | None = None) -> None:
         """Add one batch: ``xs``/``xd`` (batch, tokens, in) student/teacher inputs of the same tokens."""
         self.nsamples += xs.shape[0] if xs.dim() == 3 else 1
-        s = xs.reshape(-1, xs.shape[-1]).float()
+        s = xs.reshape(-1, xs.shape[-1]).to(self.ss.dtype)
         self.tokens += s.shape[0]
         self.ss.addmm_(s.t(), s)
         if self.cross:
             if xd is None:
                 raise ValueError("GramStats(cross=True) needs the teacher inputs too")
-            d = xd.reshape(-1, xd.shape[-1]).float()
+            d = xd.reshape(-1, xd.shape[-1]).to(self.ss.dtype)
             self.sd.addmm_(s.t(), d)
             self.dd.addmm_(d.t(), d)
 
@@ -58,7 +59,7 @@ class GramStats:
         """The normalised quadratic problem for a layer whose dense (teacher) weight is ``dense_weight``."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens were collected")
-        Wd = dense_weight.to(self.ss.device, torch.float32)
+        Wd = dense_weight.to(self.ss.device, self.ss.dtype)
         A = self.ss / self.tokens
         if self.cross:
             P = Wd @ (self.sd / self.tokens).t()

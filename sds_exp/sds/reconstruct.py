@@ -85,17 +85,18 @@ def reconstruct(
         project: if given, W is multiplied by ``project(W)`` (a keep-mask) after every step and at the start.
 
     Returns:
-        (final fp32 weight, final mask or None, {"loss_before", "loss_after", "reg_after"}).
+        (final weight, final mask or None, losses: reconstruction ``loss_*``, penalty ``reg_*`` and their sum ``objective_*``, before and after).
 
     Raises:
         ReconstructionDivergedError: naming the layer and the settings.
     """
-    W = weight.detach().to(problem.A.device, torch.float32).clone()
+    W = weight.detach().to(problem.A.device, problem.A.dtype).clone()
     mask = None
     if project is not None:
         mask = project(W)
         W.mul_(mask)
     loss_before = problem.loss(W)
+    reg_before = float(regularizer(W)) if regularizer is not None else 0.0
     W.requires_grad_(True)
     opt = settings.optimizer([W])
     limit = settings.explode_factor * max(loss_before, 1e-12)
@@ -129,4 +130,6 @@ def reconstruct(
     if not math.isfinite(loss_after):
         raise ReconstructionDivergedError(f"layer {name}: final reconstruction loss is {loss_after}")
     reg_after = float(regularizer(W)) if regularizer is not None else 0.0
-    return W, mask, {"loss_before": loss_before, "loss_after": loss_after, "reg_after": reg_after}
+    return W, mask, {"loss_before": loss_before, "loss_after": loss_after, "reg_before": reg_before,
+                     "reg_after": reg_after, "objective_before": loss_before + reg_before,
+                     "objective_after": loss_after + reg_after}
