@@ -195,7 +195,12 @@ def write_task_configs(
 def resolve_sources(tasks: Sequence[str], data_dir: str | Path | None) -> dict[str, TaskSource]:
     """Pick each task's source: the mirror when all its files exist, else the hub.
 
-    This only looks at files; :func:`check_tasks` also checks that the hub can provide the rest.
+    Args:
+        tasks: lm-eval task names (duplicates are dropped).
+        data_dir: the data mirror root, or None for hub only.
+
+    Returns:
+        ``{task: TaskSource}``. Only files are looked at; :func:`check_tasks` also asks the hub.
     """
     sources = {}
     for task in dict.fromkeys(tasks):
@@ -257,7 +262,7 @@ def _hub_problem(stock: Mapping[str, Any]) -> str | None:
 
     try:
         datasets.load_dataset_builder(path, stock.get("dataset_name"))
-    except Exception as err:  # noqa: BLE001 - any failure means "not available"; reported verbatim
+    except Exception as err:  # any failure means "not available"; the message says why
         name = f" (config {stock['dataset_name']!r})" if stock.get("dataset_name") else ""
         return f"hub dataset {path!r}{name} unavailable: {type(err).__name__}: {err}"
     return None

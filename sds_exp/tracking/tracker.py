@@ -136,7 +136,7 @@ class WandbTracker:
         tags: Iterable[str] = (),
         job_type: str | None = None,
         config: Mapping[str, Any] | None = None,
-        dir: str | Path | None = None,  # noqa: A002 - wandb.init's own argument name
+        dir: str | Path | None = None,  # wandb.init's own name for it (shadows the builtin)
         name: str | None = None,
     ) -> None:
         if mode not in WANDB_MODES:
