@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sds_exp.checkpoint import StageStore, config_differences, save_checkpoint
 from sds_exp.evaluation.sparsity import sparsity_report
 from sds_exp.evaluation.stage_eval import PplSettings, StageEvaluator, plot_histograms
 from sds_exp.models.loading import resolve_dtype
@@ -27,7 +28,7 @@ from sds_exp.regularizers.norms import RegularizerSum
 from sds_exp.sds.pipeline import mask_overlap, run_sds
 from sds_exp.sds.stages import prunable_layers
 from sds_exp.spec import SparsitySpec
-from sds_exp.tracking.results import atomic_write_text, environment, write_json
+from sds_exp.tracking.results import atomic_write_text, environment, read_json, write_json
 
 __all__ = ["run"]
 
@@ -49,6 +50,31 @@ def _hist_layer(names: list[str], pattern: str | None) -> str | None:
     if not matches:
         raise ValueError(f"hist_layer={pattern!r} matches no prunable layer; e.g. {names[0] if names else '-'}")
     return matches[0]
+
+
+def _check_resumable(state_dir: Path, resolved: dict, state: dict) -> None:
+    """Refuse a resume whose config differs in anything that changes results; carry the old metrics over."""
+    import yaml
+
+    saved = yaml.safe_load((state_dir / "resolved_config.yaml").read_text(encoding="utf-8"))
+    diffs = config_differences(saved, resolved)
+    if diffs:
+        raise ValueError(f"cannot resume from {state_dir}: the config differs in\n  " + "\n  ".join(diffs))
+    old = read_json(state_dir / "metrics.json") if (state_dir / "metrics.json").is_file() else {}
+    state["metrics"].update(old.get("metrics", {}))
+    state["stages_done"] = list(old.get("stages_done", []))
+    state["resumed_from"] = str(state_dir)
+    log.info("resuming from %s (stages done: %s)", state_dir, ", ".join(state["stages_done"]) or "none")
+
+
+def _copy_store(store: StageStore, out_dir: Path) -> StageStore:
+    """Resuming from another directory: continue its checkpoint in this job's directory."""
+    import shutil
+
+    target = out_dir / "checkpoint"
+    if target.resolve() != store.dir.resolve():
+        shutil.copytree(store.dir, target, dirs_exist_ok=True)
+    return StageStore(target)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -83,12 +109,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
             from sds_exp.evaluation.zeroshot import check_tasks
 
             check_tasks(list(zs_cfg.tasks), cfg.paths.data_dir)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        state_dir = Path(cfg.resume) if cfg.resume else out_dir
+        store = StageStore(state_dir / "checkpoint")
+        if store.last_stage() is not None:
+            _check_resumable(state_dir, resolved, state)
         atomic_write_text(out_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_json(out_dir / "env.json", environment(cfg.paths.root_dir, cfg.device))
         save()
         logger_args = OmegaConf.to_container(cfg.logger, resolve=True)  # `config` clashes with instantiate's
         tracker = get_class(logger_args.pop("_target_"))(
-            **logger_args, config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir), name=out_dir.name
+            **logger_args, config=resolved, dir=str(out_dir), name=out_dir.name
         )
         tracker.__enter__()
 
@@ -134,7 +165,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             cache_key=f"{loaded.name}|{cfg.dtype}|{len(tokenizer)}",
         )
         result = run_sds(model, calib, pruner, spec, sds_config, regularizer or None, device=cfg.device,
-                         batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator)
+                         batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator,
+                         store=StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir))
 
         # 4. summary numbers
         m = state["metrics"]
@@ -156,9 +188,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots")
             tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()})
         if cfg.save_model:
-            from sds_exp.checkpoint import save_checkpoint
-
-            save_checkpoint(model, tokenizer, result.masks, cfg, out_dir / "model")
+            save_checkpoint(model, tokenizer, result.masks, OmegaConf.to_yaml(cfg, resolve=True), out_dir / "model")
         m["time/job_s"] = time.perf_counter() - t_job
         state["status"] = "completed"
         save()

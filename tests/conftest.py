@@ -73,6 +73,7 @@ def compose(tmp_path):
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.cache_dir = str(tmp_path / "cache")
             cfg.paths.data_dir = str(DATA_DIR)
+            del cfg["hydra"]  # as in a real job: the app sees no hydra node (${hydra:...} still resolves)
         return cfg
 
     yield _compose

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sds_exp.checkpoint import StageStore
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.reconstruct import ReconstructSettings
 from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, reprune_model, snapshot_weights
@@ -99,36 +100,60 @@ def run_sds(
     regularizer: Callable[[Tensor], Tensor] | None = None, *, device: torch.device | str = "cpu",
     batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
     on_stage: Callable[[str, nn.Module], None] = lambda name, model: None,
+    store: StageStore | None = None,
 ) -> SDSResult:
-    """Run SDS (or the one-shot baseline when ``config.redense`` is False) on ``model`` in place."""
+    """Run SDS (or the one-shot baseline when ``config.redense`` is False) on ``model`` in place.
+
+    With a ``store``, the state after each stage is checkpointed, and a job that finds a checkpoint
+    continues after its last finished stage (the dense teacher weights come from the freshly loaded model).
+    """
     common = {"device": device, "batch_size": batch_size, "ignore": ignore}
     seconds: dict[str, float] = {}
     clock = time.perf_counter
+    layers = prunable_layers(model, ignore)
+    resumed = store.load() if store is not None else None
+    done = STAGES.index(resumed.stage) if resumed is not None else -1
+    checkpoint = store.save if store is not None else (lambda *args, **kwargs: None)
 
-    on_stage("dense", model)
-    dense = snapshot_weights(prunable_layers(model, ignore)) if config.redense else {}
+    if done < 0:
+        on_stage("dense", model)
+    dense = snapshot_weights(layers) if config.redense else {}
+    if resumed is not None:
+        log.info("resuming after stage %r from %s", resumed.stage, store.dir)
+        resumed.apply(model)
+        first = resumed.first_masks
 
-    t = clock()  # step 1: one-shot prune
-    first = prune_model(model, calib, pruner, spec, **common)
-    seconds["prune"] = clock() - t
-    on_stage("prune", model)
+    if done < STAGES.index("prune"):  # step 1: one-shot prune
+        t = clock()
+        first = prune_model(model, calib, pruner, spec, **common)
+        seconds["prune"] = clock() - t
+        on_stage("prune", model)
+        checkpoint("prune", layers, first)
     if not config.redense:
         return SDSResult(masks=first, first_masks=first, seconds=seconds)
 
-    t = clock()  # step 2: dense re-activation with sparse regularisation
-    react = reactivate_model(model, calib, dense, config.reactivate, regularizer, inputs=config.inputs, **common)
-    seconds["reactivate"] = clock() - t
-    on_stage("reactivate", model)
+    reports: dict[str, dict] = {}
+    if done < STAGES.index("reactivate"):  # step 2: dense re-activation with sparse regularisation
+        t = clock()
+        reports["reactivate"] = reactivate_model(model, calib, dense, config.reactivate, regularizer,
+                                                 inputs=config.inputs, **common)
+        seconds["reactivate"] = clock() - t
+        on_stage("reactivate", model)
+        checkpoint("reactivate", layers, first)
 
+    last = config.stages[-1]
+    if done >= STAGES.index(last):
+        return SDSResult(masks=resumed.masks, first_masks=first, seconds=seconds, reports=reports)
     t = clock()  # step 3: re-prune with fresh statistics, then adjust under a moving mask
     second = reprune_model(model, calib, dense, pruner, spec, config.adjust, config.adjustment,
                            adjust_group=config.adjust_group, **common)
     seconds["reprune"] = clock() - t
+    reports["reprune"] = second.report
     if config.adjust == "false":
         on_stage("reprune", model)
     else:
         with swapped_weights(model, {n: w for n, (w, _) in second.plain.items()}):
             on_stage("reprune", model)  # the plain re-prune, before adjustment
         on_stage("adjust", model)
-    reports = {"reactivate": react, "reprune": second.report}
+    checkpoint(last, layers, first, second.masks)
     return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports)

@@ -1,0 +1,75 @@
+"""Resume after a killed stage, refuse a changed config, and reload a saved sparse model."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import open_dict
+from safetensors.torch import load_file
+
+from sds_exp import app
+from sds_exp.checkpoint import load_saved
+from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
+from sds_exp.sds import pipeline
+from sds_exp.sds.stages import prunable_layers
+
+SMOKE = ["model=tiny_llama", "benchmark=smoke", "data.nsamples=4", "data.seqlen=64", "sds.reactivate.steps=5",
+         "sds.adjustment.steps=5", "pattern=2:4"]
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_killed_after_prune_resumes_without_repeating(compose, monkeypatch, tmp_path):
+    cfg = compose(SMOKE)
+
+    def killed(*args, **kwargs):
+        raise Killed("simulated kill during re-activation")
+
+    monkeypatch.setattr(pipeline, "reactivate_model", killed)
+    with pytest.raises(Killed):
+        app.run(cfg)
+    run_dir = tmp_path / "run"
+    state = json.loads((run_dir / "metrics.json").read_text())
+    assert state["status"] == "failed" and "simulated kill" in state["error"]
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["stage"] == "prune"
+    prune_ppl = state["metrics"]["prune/wikitext2/ppl"]
+
+    monkeypatch.undo()
+    calls = []
+    real_prune = pipeline.prune_model
+    monkeypatch.setattr(pipeline, "prune_model", lambda *a, **k: calls.append(1) or real_prune(*a, **k))
+    metrics = app.run(compose(SMOKE))  # same run dir: continues after "prune"
+    assert calls == []
+    assert metrics["prune/wikitext2/ppl"] == prune_ppl
+    assert "final/wikitext2/ppl" in metrics and metrics["final/sparsity/mask"] == pytest.approx(0.5)
+    state = json.loads((run_dir / "metrics.json").read_text())
+    assert state["status"] == "completed" and state["resumed_from"] == str(run_dir)
+
+
+def test_resume_with_different_config_is_refused(compose, tmp_path):
+    app.run(compose(SMOKE + ["sds=prune_only"]))
+    cfg = compose(SMOKE + ["sds=prune_only", "sparsity=0.5", "pruner=sparsegpt", "seed=3"])
+    with pytest.raises(ValueError, match=r"config differs in(.|\n)*pruner._target_(.|\n)*seed: 0 -> 3"):
+        app.run(cfg)
+
+
+def test_saved_model_reloads_identically(compose, tmp_path, data_dir):
+    cfg = compose(SMOKE + ["save_model=true"])
+    metrics = app.run(cfg)
+    saved = tmp_path / "run" / "model"
+    masks = load_file(str(tmp_path / "run" / "checkpoint" / "masks.safetensors"))
+    loaded = load_saved(saved)
+    assert set(loaded.masks) == set(masks) and all(torch.equal(loaded.masks[n], masks[n]) for n in masks)
+    weights = load_file(str(tmp_path / "run" / "checkpoint" / "weights_adjust.safetensors"))
+    for name, layer in prunable_layers(loaded.model).items():
+        assert torch.equal(layer.weight, weights[name]), name
+    ids = eval_token_ids("wikitext2", loaded.tokenizer, data_dir, 256)
+    assert perplexity(loaded.model, ids, 256, max_windows=2).ppl == pytest.approx(metrics["final/wikitext2/ppl"], rel=1e-6)
+    # and as a model option of a new job
+    cfg2 = compose(["model=saved", f"model.path={saved}", "benchmark=smoke", "sds=prune_only", "data.nsamples=4",
+                    "data.seqlen=64"])
+    with open_dict(cfg2):
+        cfg2.paths.output_dir = str(tmp_path / "run2")
+    assert app.run(cfg2)["dense/wikitext2/ppl"] == pytest.approx(metrics["final/wikitext2/ppl"], rel=1e-6)
