@@ -26,6 +26,7 @@ from sds_exp.evaluation.stage_eval import PplSettings, StageEvaluator, plot_hist
 from sds_exp.models.loading import resolve_dtype
 from sds_exp.regularizers.norms import RegularizerSum
 from sds_exp.sds.pipeline import mask_overlap, run_sds
+from sds_exp.sds.timing import PhaseTimer
 from sds_exp.sds.stages import prunable_layers
 from sds_exp.spec import SparsitySpec
 from sds_exp.tracking.results import atomic_write_text, environment, read_json, write_json
@@ -164,13 +165,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
             cache_file=Path(cfg.paths.cache_dir) / "dense_ppl.json",
             cache_key=f"{loaded.name}|{cfg.dtype}|{len(tokenizer)}",
         )
+        timer = PhaseTimer()
         result = run_sds(model, calib, pruner, spec, sds_config, regularizer or None, device=cfg.device,
                          batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator,
-                         store=StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir))
+                         store=StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir), timer=timer)
 
         # 4. summary numbers
         m = state["metrics"]
         m.update({f"time/{k}_s": v for k, v in result.seconds.items()})
+        m.update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
         layers = prunable_layers(model, ignore)
         sp = sparsity_report(layers, result.masks)
         m["final/sparsity/mask"] = sp["mask"]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from sds_exp.checkpoint import StageStore
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.reconstruct import ReconstructSettings
+from sds_exp.sds.timing import PhaseTimer
 from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, reprune_model, snapshot_weights
 from sds_exp.spec import SparsitySpec
 
@@ -70,7 +71,7 @@ class SDSConfig:
 class SDSResult:
     masks: dict[str, Tensor]                      # final keep-masks, by layer
     first_masks: dict[str, Tensor]                # masks of the first prune
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)   # per stage (reprune includes adjust)
     reports: dict[str, dict] = field(default_factory=dict)  # stage -> layer -> loss numbers
 
 
@@ -100,14 +101,15 @@ def run_sds(
     regularizer: Callable[[Tensor], Tensor] | None = None, *, device: torch.device | str = "cpu",
     batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
     on_stage: Callable[[str, nn.Module], None] = lambda name, model: None,
-    store: StageStore | None = None,
+    store: StageStore | None = None, timer: PhaseTimer | None = None,
 ) -> SDSResult:
     """Run SDS (or the one-shot baseline when ``config.redense`` is False) on ``model`` in place.
 
     With a ``store``, the state after each stage is checkpointed, and a job that finds a checkpoint
     continues after its last finished stage (the dense teacher weights come from the freshly loaded model).
     """
-    common = {"device": device, "batch_size": batch_size, "ignore": ignore}
+    timer = timer or PhaseTimer()
+    common = {"device": device, "batch_size": batch_size, "ignore": ignore, "timer": timer}
     seconds: dict[str, float] = {}
     clock = time.perf_counter
     layers = prunable_layers(model, ignore)

@@ -25,6 +25,7 @@ from sds_exp.pruners.base import Pruner
 from sds_exp.sds.gram import GramStats
 from sds_exp.sds.reconstruct import ReconstructSettings, magnitude_projector, reconstruct
 from sds_exp.sds.sequential import collect_stats, dense_copy, paired_pass, walk_blocks
+from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
 __all__ = ["prunable_layers", "validate_layers", "snapshot_weights", "prune_model", "reactivate_model",
@@ -69,28 +70,34 @@ def _capture(model: nn.Module, calib: Tensor, device, batch_size: int) -> BlockI
 @torch.no_grad()
 def prune_model(
     model: nn.Module, calib: Tensor, pruner: Pruner, spec: SparsitySpec, *, device="cpu", batch_size: int = 8,
-    ignore: list[str] | tuple[str, ...] = (), desc: str = "prune",
+    ignore: list[str] | tuple[str, ...] = (), desc: str = "prune", timer: PhaseTimer | None = None,
 ) -> dict[str, Tensor]:
     """Prune every block's linear layers in place; returns the keep-masks by layer name (CPU, bool)."""
+    timer = timer or PhaseTimer()
     validate_layers(prunable_layers(model, ignore), spec)
     masks: dict[str, Tensor] = {}
     if not pruner.needs_calibration:
-        for name, layer in prunable_layers(model, ignore).items():
-            result = pruner.prune(layer.weight, None, spec, name)
-            _write(layer, result.weight)
-            masks[name] = result.mask.cpu()
+        with timer("prune/mask"):
+            for name, layer in prunable_layers(model, ignore).items():
+                result = pruner.prune(layer.weight, None, spec, name)
+                _write(layer, result.weight)
+                masks[name] = result.mask.cpu()
         return masks
-    stream = _capture(model, calib, device, batch_size)
+    with timer("prune/capture"):
+        stream = _capture(model, calib, device, batch_size)
     out = torch.empty_like(stream.hidden)
     for _, block, prefix in walk_blocks(model, device, desc):
         layers = find_linears(block, prefix, ignore)
-        stats = collect_stats(block, layers, stream, lambda lin: pruner.collector(lin.in_features, device))
-        for name, layer in layers.items():
-            result = pruner.prune(layer.weight, stats[name], spec, name)
-            _write(layer, result.weight)
-            masks[name] = result.mask.cpu()
+        with timer("prune/stats_forward"):
+            stats = collect_stats(block, layers, stream, lambda lin: pruner.collector(lin.in_features, device))
+        with timer("prune/mask"):
+            for name, layer in layers.items():
+                result = pruner.prune(layer.weight, stats[name], spec, name)
+                _write(layer, result.weight)
+                masks[name] = result.mask.cpu()
         del stats
-        stream.hidden, out = _forward(block, stream, out), stream.hidden
+        with timer("prune/forward"):
+            stream.hidden, out = _forward(block, stream, out), stream.hidden
     return masks
 
 
@@ -104,28 +111,32 @@ def _forward(block: nn.Module, stream: BlockInputs, out: Tensor) -> Tensor:
 def reactivate_model(
     model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], settings: ReconstructSettings,
     regularizer=None, *, inputs: str = "sparse", device="cpu", batch_size: int = 8,
-    ignore: list[str] | tuple[str, ...] = (),
+    ignore: list[str] | tuple[str, ...] = (), timer: PhaseTimer | None = None,
 ) -> dict[str, dict[str, float]]:
     """SDS step 2 in place: every linear becomes dense again; returns per-layer loss reports."""
     if inputs not in ("sparse", "dense"):
         raise ValueError(f"reactivate inputs={inputs!r}; allowed: 'sparse' (SD-data), 'dense' (DD-data)")
-    xd = _capture(model, calib, device, batch_size)
+    timer = timer or PhaseTimer()
+    with timer("reactivate/capture"):
+        xd = _capture(model, calib, device, batch_size)
     xs = xd.clone() if inputs == "sparse" else None  # embeddings are never pruned: same start
     xd_out = torch.empty_like(xd.hidden)
     xs_out = torch.empty_like(xd.hidden) if xs is not None else None
     report: dict[str, dict[str, float]] = {}
     for _, block, prefix in walk_blocks(model, device, "reactivate"):
         teacher = dense_copy(block, prefix, dense_weights)
-        if xs is not None:
-            grams, _ = paired_pass(block, teacher, prefix, xs, xd, ignore, student_out=xs_out, teacher_out=xd_out)
-        else:
-            t_layers = find_linears(teacher, prefix, ignore)
-            grams = collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out)
-        for name, layer in find_linears(block, prefix, ignore).items():
-            problem = grams[name].problem(dense_weights[name])
-            W, _, info = reconstruct(layer.weight, problem, settings, regularizer, name=name)
-            _write(layer, W)
-            report[name] = info
+        with timer("reactivate/gram_forward"):
+            if xs is not None:
+                grams, _ = paired_pass(block, teacher, prefix, xs, xd, ignore, student_out=xs_out, teacher_out=xd_out)
+            else:
+                t_layers = find_linears(teacher, prefix, ignore)
+                grams = collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out)
+        with timer("reactivate/optimise"):
+            for name, layer in find_linears(block, prefix, ignore).items():
+                problem = grams[name].problem(dense_weights[name])
+                W, _, info = reconstruct(layer.weight, problem, settings, regularizer, name=name)
+                _write(layer, W)
+                report[name] = info
         del teacher, grams
         xd.hidden, xd_out = xd_out, xd.hidden
         if xs is not None:
@@ -153,7 +164,7 @@ class RepruneOutcome:
 def reprune_model(
     model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], pruner: Pruner, spec: SparsitySpec,
     adjust: str = "auto", settings: ReconstructSettings | None = None, *, adjust_group: str = "row",
-    device="cpu", batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
+    device="cpu", batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (), timer: PhaseTimer | None = None,
 ) -> RepruneOutcome:
     """SDS step 3 in place: prune the re-activated model again and adjust its weights.
 
@@ -168,8 +179,10 @@ def reprune_model(
         raise ValueError(f"adjust={adjust!r}; allowed: true, false, auto")
     if adjust != "false" and settings is None:
         raise ValueError("adjust needs ReconstructSettings")
+    timer = timer or PhaseTimer()
     validate_layers(prunable_layers(model, ignore), spec)
-    xr = _capture(model, calib, device, batch_size)
+    with timer("reprune/capture"):
+        xr = _capture(model, calib, device, batch_size)
     xd = xr.clone()
     xd_out = torch.empty_like(xd.hidden)
     xr_out = torch.empty_like(xr.hidden)
@@ -178,14 +191,17 @@ def reprune_model(
     make = (lambda lin: pruner.collector(lin.in_features, device)) if pruner.needs_calibration else None
     for _, block, prefix in walk_blocks(model, device, "reprune"):
         teacher = dense_copy(block, prefix, dense_weights)
-        grams, stats = paired_pass(block, teacher, prefix, xr, xd, ignore, make_extra=make, teacher_out=xd_out)
+        with timer("reprune/gram_forward"):
+            grams, stats = paired_pass(block, teacher, prefix, xr, xd, ignore, make_extra=make, teacher_out=xd_out)
         for name, layer in find_linears(block, prefix, ignore).items():
-            plain = pruner.prune(layer.weight, stats.get(name), spec, name)
+            with timer("reprune/mask"):
+                plain = pruner.prune(layer.weight, stats.get(name), spec, name)
             problem = grams[name].problem(dense_weights[name])
             info = {"loss_plain": problem.loss(plain.weight.to(problem.A.device))}
             weight, mask = plain.weight, plain.mask
             if adjust != "false":
-                W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
+                with timer("adjust/optimise"):
+                    W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
                 info["loss_adjusted"] = adj["loss_after"]
                 keep = adjust == "true" or adj["loss_after"] < info["loss_plain"]
                 info["adjust_kept"] = float(keep)
@@ -196,7 +212,8 @@ def reprune_model(
             outcome.masks[name] = mask.cpu()
             outcome.report[name] = info
         del teacher, grams, stats
-        _forward(block, xr, xr_out)
+        with timer("reprune/forward"):
+            _forward(block, xr, xr_out)
         xr.hidden, xr_out = xr_out, xr.hidden
         xd.hidden, xd_out = xd_out, xd.hidden
     return outcome
