@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if zs_cfg is not None:
             from sds_exp.evaluation.zeroshot import check_tasks
 
-            check_tasks(list(zs_cfg.tasks), cfg.paths.data_dir)
+            check_tasks(list(zs_cfg.tasks), cfg.paths.data_dir, num_fewshot=zs_cfg.num_fewshot)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         state_dir = Path(cfg.resume) if cfg.resume else out_dir
         store = StageStore(state_dir / "checkpoint")
@@ -190,6 +190,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if hist_layer is not None:
             pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots")
             tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()})
+            tracker.log_histograms({f"weights/{k}": w for k, w in evaluator.histograms.items()})
         if cfg.save_model:
             save_checkpoint(model, tokenizer, result.masks, OmegaConf.to_yaml(cfg, resolve=True), out_dir / "model")
         m["time/job_s"] = time.perf_counter() - t_job
