@@ -1,0 +1,586 @@
+"""Paper-layout tables from collected jobs (Markdown, CSV, LaTeX), published numbers beside ours.
+
+Layout (as the SDS/SparseGPT/Wanda tables): one column group per model, one row per method within
+each sparsity pattern, the dense model on top. Each model group has our number, the paper's, and
+Δ = ours - paper, for WikiText2 perplexity and, where any job evaluated it, the zero-shot suite
+average (accuracy in %). Cells aggregate the seeds of a configuration: mean ± sample std.
+
+Where the rows come from:
+- Baseline rows (SparseGPT, Wanda): the ``sds=prune_only`` jobs; when a pruner has no such job for
+  a model and pattern, the ``prune`` stage of its SDS jobs (same calibration), marked †.
+- SDS rows: the final stage of SDS jobs, labelled ``SDS-<pruner>`` (``(no_adjust)`` etc. for other
+  sds options) and suffixed with the job's variant (``[regularizer=none]``) in ablations.
+- Failed, incomplete (``running``: killed or still going) and missing jobs print as FAILED /
+  INCOMPLETE / MISSING in their cells, and are listed under the table with their error and
+  directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sds_exp.reporting.collect import POST_PRUNE_KEYS, JobLabel, JobRecord, describe_jobs
+from sds_exp.reporting.paper import PaperNumber, find_paper_number
+
+__all__ = [
+    "Metric",
+    "Cell",
+    "Row",
+    "Table",
+    "build_table",
+    "to_markdown",
+    "to_csv",
+    "to_latex",
+    "write_table",
+]
+
+log = logging.getLogger(__name__)
+
+# Worst first: the word a cell shows when none of its jobs gave a number.
+_STATUS_WORDS = {"failed": "FAILED", "running": "INCOMPLETE", "missing": "MISSING"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A table metric: the metrics.json name without its stage, and how to print it."""
+
+    name: str  # e.g. "wikitext2/ppl", "zeroshot/average/acc"
+    label: str  # column header
+    scale: float = 1.0  # printed value = stored value * scale (accuracies in %)
+
+
+@dataclass
+class Cell:
+    """One model x row x metric: our number over seeds, the jobs behind it, the paper's number."""
+
+    values: list[float] = field(default_factory=list)  # one per seed
+    jobs: list[JobRecord] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)  # statuses of the jobs that gave nothing
+    paper: PaperNumber | None = None
+    scale: float = 1.0
+    derived: bool = False  # a baseline read from the prune stage of SDS jobs
+    spread: tuple[float, float] | None = None  # dense only: (min, max) when jobs disagree
+
+    @property
+    def ok(self) -> int:
+        """Jobs that gave a number (or finished without measuring this metric)."""
+        return len(self.jobs) - len(self.unusable)
+
+    @property
+    def n(self) -> int:
+        """Seeds with a number."""
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        """Mean over seeds, printed units."""
+        return statistics.fmean(self.values) * self.scale if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (None for fewer than two)."""
+        return statistics.stdev(self.values) * self.scale if len(self.values) > 1 else None
+
+    @property
+    def delta(self) -> float | None:
+        """Ours - paper, printed units."""
+        return (
+            self.mean - self.paper.value
+            if self.mean is not None and self.paper is not None
+            else None
+        )
+
+    @property
+    def problem(self) -> str | None:
+        """FAILED / INCOMPLETE / MISSING for the worst job that gave nothing, None if all did."""
+        if not self.unusable:
+            return None
+        return next((_STATUS_WORDS[s] for s in _STATUS_WORDS if s in self.unusable), "MISSING")
+
+
+@dataclass
+class Row:
+    """A method (with its variant) at one pattern; ``kind`` is dense | baseline | sds."""
+
+    pattern: str
+    sparsity: float | None
+    structured: bool
+    method: str
+    variant: tuple[tuple[str, str], ...]
+    kind: str
+    # (model, metric name) -> cell
+    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+
+    @property
+    def derived(self) -> bool:
+        """Some cell is a baseline read from the prune stage of SDS jobs."""
+        return any(c.derived for c in self.cells.values())
+
+    @property
+    def label(self) -> str:
+        """Method plus variant, as printed."""
+        return self.method + (
+            " [" + ", ".join(f"{k}={v}" for k, v in self.variant) + "]" if self.variant else ""
+        )
+
+
+@dataclass
+class Table:
+    """Everything the writers need; build it with :func:`build_table`."""
+
+    models: list[str]
+    model_names: dict[str, str]
+    metrics: list[Metric]
+    rows: list[Row]
+    jobs: list[JobRecord]
+    stage: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[JobRecord]:
+        """Jobs without a complete result."""
+        return [j for j in self.jobs if j.status != "completed"]
+
+
+def _display_names(
+    jobs: list[JobRecord], key: str, fallback: Callable[[JobRecord], str | None]
+) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for job in jobs:
+        choice = job.choices.get(key)
+        if choice is not None and choice not in names and (name := fallback(job)):
+            names[choice] = name
+    return names
+
+
+def _pruner_name(job: JobRecord) -> str | None:
+    target = job.value("pruner._target_")
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
+def _model_name(job: JobRecord) -> str | None:
+    path = job.value("model.name_or_path")
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if path else None
+
+
+def _fill(
+    cell: Cell,
+    members: list[tuple[JobRecord, JobLabel, bool]],
+    key: str,
+    usable: Callable[[JobRecord], bool],
+) -> None:
+    """Average the metric per seed over the usable jobs (repeats of a seed are averaged first)."""
+    by_seed: dict[str, list[float]] = {}
+    for job, lab, _ in members:
+        cell.jobs.append(job)
+        if not usable(job):
+            cell.unusable.append(job.status)
+            continue
+        if key in job.metrics and math.isfinite(job.metrics[key]):
+            by_seed.setdefault(str(lab.seed), []).append(job.metrics[key])
+    for seed, vals in by_seed.items():
+        if len(vals) > 1:
+            log.warning(
+                "%s: %d jobs with seed %s; averaging them as one sample", key, len(vals), seed
+            )
+    cell.values = [statistics.fmean(v) for v in by_seed.values()]
+
+
+def build_table(
+    jobs: list[JobRecord],
+    paper: list[PaperNumber],
+    ppl_dataset: str = "wikitext2",
+    zeroshot_metric: str = "acc",
+    stage: str = "final",
+) -> Table:
+    """Group jobs into paper-layout rows and cells and attach the published numbers.
+
+    Args:
+        jobs: from :func:`sds_exp.reporting.collect.collect_jobs`.
+        paper: from :func:`sds_exp.reporting.paper.load_paper_numbers` ([] for none).
+        ppl_dataset: which perplexity (``wikitext2`` or ``c4``).
+        zeroshot_metric: the suite average of ``acc`` or ``acc_norm``.
+        stage: the stage read for baseline and SDS rows (``final`` = the last stage each job ran).
+
+    Returns:
+        The table; the writers only format it.
+    """
+    labels = describe_jobs(jobs)
+    pairs = list(zip(jobs, labels, strict=True))
+    metrics = [Metric(f"{ppl_dataset}/ppl", "ppl")]
+    zs_name = f"zeroshot/average/{zeroshot_metric}"
+    if any(k.endswith("/" + zs_name) for j in jobs for k in j.metrics) or any(
+        j.value("benchmark.zeroshot") not in (None, "None") for j in jobs
+    ):
+        metrics.append(Metric(zs_name, f"0-shot {zeroshot_metric} %", 100.0))
+
+    models = list(dict.fromkeys(lab.model for lab in labels))
+    model_names = _display_names(jobs, "model", _model_name)
+    model_names.update({n.model: n.model_name for n in paper if n.model in models})
+    pruner_names = _display_names(jobs, "pruner", _pruner_name)
+    patterns = list(dict.fromkeys(lab.pattern for lab in labels))
+    pruners = list(dict.fromkeys(lab.pruner for lab in labels))
+
+    def method(lab: JobLabel) -> str:
+        name = pruner_names.get(lab.pruner, lab.pruner)
+        if lab.baseline:
+            return name
+        return f"SDS-{name}" + ("" if lab.sds == "default" else f" ({lab.sds})")
+
+    # A row per (pattern, pruner, baseline/SDS, method, variant). A pruner with no prune_only job
+    # for a model and pattern gets its baseline cell from the prune stage of that model's SDS jobs.
+    has_baseline = {(lab.model, lab.pattern, lab.pruner) for lab in labels if lab.baseline}
+    members: dict[tuple, list[tuple[JobRecord, JobLabel, bool]]] = {}
+    for job, lab in pairs:
+        members.setdefault(
+            (lab.pattern, lab.pruner, not lab.baseline, method(lab), lab.variant), []
+        ).append((job, lab, False))
+        if not lab.baseline and (lab.model, lab.pattern, lab.pruner) not in has_baseline:
+            variant = tuple((k, v) for k, v in lab.variant if not k.startswith(POST_PRUNE_KEYS))
+            key = (
+                lab.pattern,
+                lab.pruner,
+                False,
+                pruner_names.get(lab.pruner, lab.pruner),
+                variant,
+            )
+            members.setdefault(key, []).append((job, lab, True))
+    appearance = list(members)
+    keys = sorted(
+        members,
+        key=lambda k: (patterns.index(k[0]), pruners.index(k[1]), k[2], appearance.index(k)),
+    )
+
+    rows = [_dense_row(pairs, models, metrics, paper)]
+    for key in keys:
+        pattern, _, is_sds, label, variant = key
+        first = members[key][0][1]
+        row = Row(
+            pattern,
+            first.sparsity,
+            first.structured,
+            label,
+            variant,
+            "sds" if is_sds else "baseline",
+        )
+        for model in models:
+            in_model = [(j, lab, d) for j, lab, d in members[key] if lab.model == model]
+            if not in_model:
+                continue
+            derived = in_model[0][2]
+            for metric in metrics:
+                cell = Cell(scale=metric.scale, derived=derived)
+                if derived:
+                    _fill(
+                        cell, in_model, f"prune/{metric.name}", lambda j: "prune" in j.stages_done
+                    )
+                else:
+                    _fill(
+                        cell, in_model, f"{stage}/{metric.name}", lambda j: j.status == "completed"
+                    )
+                cell.paper = find_paper_number(
+                    paper, model, pattern, label, metric.name, [j.value for j, _, _ in in_model]
+                )
+                row.cells[(model, metric.name)] = cell
+        rows.append(row)
+
+    table = Table(models, model_names, metrics, rows, jobs, stage)
+    table.notes = _notes(table)
+    return table
+
+
+def _dense_row(pairs, models, metrics, paper) -> Row:
+    """The dense model, from the ``dense`` stage of any job of each model."""
+    row = Row("", None, False, "Dense", (), "dense")
+    for model in models:
+        in_model = [(j, lab) for j, lab in pairs if lab.model == model]
+        for metric in metrics:
+            cell = Cell(scale=metric.scale)
+            cell.jobs = [j for j, _ in in_model]
+            vals = [
+                j.metrics[f"dense/{metric.name}"]
+                for j, _ in in_model
+                if "dense" in j.stages_done and f"dense/{metric.name}" in j.metrics
+            ]
+            if vals:  # one number, not a spread: the dense evaluation is deterministic
+                cell.values = [statistics.median(vals)]
+                if max(vals) - min(vals) > 1e-6 * max(abs(v) for v in vals):
+                    cell.spread = (min(vals) * metric.scale, max(vals) * metric.scale)
+            elif not any("dense" in j.stages_done for j in cell.jobs):
+                cell.unusable = [j.status for j in cell.jobs]
+            cell.paper = find_paper_number(
+                paper, model, "", "Dense", metric.name, [j.value for j in cell.jobs]
+            )
+            row.cells[(model, metric.name)] = cell
+    return row
+
+
+def _notes(table: Table) -> list[str]:
+    notes = [f"Rows: the `{table.stage}` stage of each job; Dense: the `dense` stage."]
+    if any(r.derived for r in table.rows):
+        notes.append(
+            "†: a baseline read from the `prune` stage of the SDS jobs (the same one-shot prune, "
+            "same calibration); other baseline values are `sds=prune_only` jobs."
+        )
+    else:
+        notes.append("Baseline rows are `sds=prune_only` jobs.")
+    for (model, metric), cell in table.rows[0].cells.items():
+        if cell.spread is not None:
+            notes.append(
+                f"Dense {metric} of {table.model_names.get(model, model)} differs between jobs "
+                f"({cell.spread[0]:.2f} to {cell.spread[1]:.2f}): they did not evaluate alike "
+                "(see jobs.csv); the median is shown."
+            )
+    if any(m.scale != 1.0 for m in table.metrics):
+        notes.append("0-shot: the suite's unweighted task average, in %; Δ in points.")
+    seeds = {c.n for r in table.rows for c in r.cells.values()}
+    if max(seeds, default=0) > 1:
+        notes.append(
+            f"Mean ± sample std over seeds where a configuration ran several (up to {max(seeds)})."
+        )
+    notes.append(
+        "paper: published numbers (sds_exp/reporting/paper_numbers.csv); `*` = transcription "
+        "confidence below high; n/a = not given by the paper; Δ = ours - paper."
+    )
+    if any(t == "—" for r in table.rows for c in r.cells.values() for t in _texts(c)):
+        notes.append("— = no number although the job(s) finished: not measured at that stage.")
+    counts = {
+        s: sum(j.status == s for j in table.jobs)
+        for s in ("completed", "failed", "running", "missing")
+    }
+    notes.append(
+        f"Jobs: {len(table.jobs)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})."
+    )
+    return notes
+
+
+def _num(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def _texts(cell: Cell | None) -> tuple[str, str, str]:
+    """(ours, paper, delta) as printed."""
+    if cell is None:  # no job of this model in this row
+        return "not run", "n/a", "n/a"
+    paper = (
+        "n/a"
+        if cell.paper is None
+        else f"{cell.paper.value:.2f}" + ("" if cell.paper.confidence == "high" else "*")
+    )
+    problem = cell.problem
+    if cell.mean is None:
+        ours = problem or "—"
+        return ours, paper, ("n/a" if cell.paper is None else "—")
+    ours = (
+        _num(cell.mean)
+        + ("†" if cell.derived else "")
+        + (f" ± {_num(cell.std)}" if cell.std is not None else "")
+    )
+    if problem:
+        ours += f" [{cell.ok}/{len(cell.jobs)} ok, {problem}]"
+    return ours, paper, ("n/a" if cell.paper is None else _num(cell.delta, signed=True))
+
+
+def _grid(table: Table) -> tuple[list[str], list[list[str]]]:
+    header = ["Sparsity", "Method"]
+    for model in table.models:
+        name = table.model_names.get(model, model)
+        for metric in table.metrics:
+            header += [f"{name} {metric.label}", "paper", "Δ"]
+    body = []
+    for row in table.rows:
+        line = [row.pattern or "0%", row.label]
+        for model in table.models:
+            for metric in table.metrics:
+                line += list(_texts(row.cells.get((model, metric.name))))
+        body.append(line)
+    return header, body
+
+
+def _problem_lines(table: Table) -> list[list[str]]:
+    return [
+        [
+            j.name,
+            {"running": "INCOMPLETE"}.get(j.status, j.status.upper()),
+            " ".join(j.overrides),
+            j.error or "",
+            str(j.directory) if j.directory else "(no directory)",
+        ]
+        for j in table.problems
+    ]
+
+
+def to_markdown(table: Table, title: str | None = None) -> str:
+    """The table, its notes, and the list of failed/incomplete/missing jobs, as Markdown."""
+    header, body = _grid(table)
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
+    lines += ["| " + " | ".join(esc(c) for c in line) + " |" for line in body]
+    lines += [""] + [f"- {n}" for n in table.notes]
+    if table.problems:
+        lines += [
+            "",
+            "Jobs without a result:",
+            "",
+            "| job | status | overrides | error | directory |",
+            "|---|---|---|---|---|",
+        ]
+        lines += ["| " + " | ".join(esc(c) for c in line) + " |" for line in _problem_lines(table)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table, path: str | Path) -> Path:
+    """The Markdown's rows, one column per quantity (mean, std, n, status, paper, delta)."""
+    path = Path(path)
+    header = ["pattern", "method", "variant", "baseline_source"]
+    for model in table.models:
+        for metric in table.metrics:
+            header += [
+                f"{model}:{metric.name}:{q}"
+                for q in ("mean", "std", "n", "status", "paper", "delta")
+            ]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        for row in table.rows:
+            flags = {c.derived for c in row.cells.values()}
+            source = ""
+            if row.kind == "baseline":
+                source = "prune_only jobs" if flags == {False} else "prune stage of SDS jobs"
+                source = "mixed" if len(flags) > 1 else source
+            variant = ";".join(f"{k}={v}" for k, v in row.variant)
+            line: list[Any] = [row.pattern or "0%", row.method, variant, source]
+            for model in table.models:
+                for metric in table.metrics:
+                    cell = row.cells.get((model, metric.name))
+                    if cell is None:
+                        line += ["", "", 0, "not run", "n/a", ""]
+                        continue
+                    status = "ok" if cell.mean is not None else "not measured"
+                    if cell.problem:
+                        status = (
+                            cell.problem
+                            if cell.mean is None
+                            else (f"partial ({cell.ok}/{len(cell.jobs)} ok, {cell.problem})")
+                        )
+                    line += [
+                        _raw(cell.mean),
+                        _raw(cell.std),
+                        cell.n,
+                        status,
+                        "n/a" if cell.paper is None else cell.paper.value,
+                        _raw(cell.delta),
+                    ]
+            writer.writerow(line)
+    return path
+
+
+def _raw(x: float | None) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def _latex(text: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+    return (
+        out.replace("±", r"$\pm$")
+        .replace("†", r"$^\dagger$")
+        .replace("Δ", r"$\Delta$")
+        .replace("—", "--")
+        .replace("*", r"$^*$")
+    )
+
+
+def to_latex(table: Table, caption: str | None = None) -> str:
+    r"""A booktabs table (needs ``\usepackage{booktabs}``): one column group per model."""
+    _, body = _grid(table)
+    per_model = 3 * len(table.metrics)
+    cols = "ll" + "".join("|" + "r" * per_model for _ in table.models)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\resizebox{\linewidth}{!}{%",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+    ]
+    lines.append(
+        " & & "
+        + " & ".join(
+            rf"\multicolumn{{{per_model}}}{{c}}{{{_latex(table.model_names.get(m, m))}}}"
+            for m in table.models
+        )
+        + r" \\"
+    )
+    lines.append(
+        " ".join(
+            rf"\cmidrule(lr){{{3 + i * per_model}-{2 + (i + 1) * per_model}}}"
+            for i in range(len(table.models))
+        )
+    )
+    sub = [x for metric in table.metrics for x in (metric.label, "paper", "Δ")] * len(table.models)
+    lines.append(" & ".join(["Sparsity", "Method", *map(_latex, sub)]) + r" \\")
+    lines.append(r"\midrule")
+    previous = None
+    for row, line in zip(table.rows, body, strict=True):
+        if previous is not None and row.pattern != previous:
+            lines.append(r"\midrule")
+        first = line[0] if row.pattern != previous else ""
+        previous = row.pattern
+        lines.append(" & ".join(_latex(c) for c in [first, *line[1:]]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}"]
+    caption_text = (caption + ". " if caption else "") + " ".join(table.notes)
+    lines.append(rf"\caption{{{_latex(caption_text.replace('`', ''))}}}")
+    lines.append(r"\end{table}")
+    for job in _problem_lines(table):  # kept out of the typeset table, but in the file
+        lines.append("% " + " | ".join(job))
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: Table, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+    """Write ``table.md``, ``table.csv``, ``table.tex`` and ``jobs.csv`` (one line per job)."""
+    from sds_exp.reporting.collect import write_jobs_csv
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "md": out / "table.md",
+        "csv": out / "table.csv",
+        "tex": out / "table.tex",
+        "jobs": out / "jobs.csv",
+    }
+    paths["md"].write_text(to_markdown(table, title), encoding="utf-8")
+    to_csv(table, paths["csv"])
+    paths["tex"].write_text(to_latex(table, title), encoding="utf-8")
+    stage_metrics = [
+        f"{s}/{m.name}" for s in ("dense", "prune", table.stage) for m in table.metrics
+    ]
+    write_jobs_csv(table.jobs, paths["jobs"], list(dict.fromkeys(stage_metrics)))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
