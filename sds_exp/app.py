@@ -25,7 +25,7 @@ from sds_exp.evaluation.sparsity import sparsity_report
 from sds_exp.evaluation.stage_eval import PplSettings, StageEvaluator, plot_histograms
 from sds_exp.models.loading import resolve_dtype
 from sds_exp.regularizers.norms import RegularizerSum
-from sds_exp.sds.pipeline import mask_overlap, run_sds
+from sds_exp.sds.pipeline import SDSResult, mask_overlap, run_sds
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.sds.stages import prunable_layers
 from sds_exp.spec import SparsitySpec
@@ -76,6 +76,24 @@ def _copy_store(store: StageStore, out_dir: Path) -> StageStore:
     if target.resolve() != store.dir.resolve():
         shutil.copytree(store.dir, target, dirs_exist_ok=True)
     return StageStore(target)
+
+
+def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseTimer) -> tuple[dict, dict]:
+    """Job-level numbers (stage times, mask sparsity and overlap, mean layer losses) and the per-layer report."""
+    m = {f"time/{k}_s": v for k, v in result.seconds.items()}
+    m.update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
+    sp = sparsity_report(layers, result.masks)
+    m["final/sparsity/mask"] = sp["mask"]
+    m["sparsity/target"] = spec.ratio
+    if result.first_masks is not result.masks:
+        m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
+    for stage, rep in result.reports.items():
+        for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept"):
+            vals = [r[key] for r in rep.values() if key in r]
+            if vals:
+                m[f"{stage}/recon/{key}_mean"] = sum(vals) / len(vals)
+    layer_report = {"sparsity": {k: v for k, v in sp.items() if k.startswith("layer/")}, "reports": result.reports}
+    return m, layer_report
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -166,27 +184,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
             cache_key=f"{loaded.name}|{cfg.dtype}|{len(tokenizer)}",
         )
         timer = PhaseTimer()
+        store = StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir)
         result = run_sds(model, calib, pruner, spec, sds_config, regularizer or None, device=cfg.device,
-                         batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator,
-                         store=StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir), timer=timer)
+                         batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator, store=store,
+                         timer=timer)
 
         # 4. summary numbers
         m = state["metrics"]
-        m.update({f"time/{k}_s": v for k, v in result.seconds.items()})
-        m.update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
-        layers = prunable_layers(model, ignore)
-        sp = sparsity_report(layers, result.masks)
-        m["final/sparsity/mask"] = sp["mask"]
-        m["sparsity/target"] = spec.ratio
-        if result.first_masks is not result.masks:
-            m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
-        for stage, rep in result.reports.items():
-            for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept"):
-                vals = [r[key] for r in rep.values() if key in r]
-                if vals:
-                    m[f"{stage}/recon/{key}_mean"] = sum(vals) / len(vals)
-        write_json(out_dir / "layers.json", {"sparsity": {k: v for k, v in sp.items() if k.startswith("layer/")},
-                                             "reports": result.reports})
+        summary, layer_report = summarise(result, prunable_layers(model, ignore), spec, timer)
+        m.update(summary)
+        write_json(out_dir / "layers.json", layer_report)
         if hist_layer is not None:
             pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots")
             tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()})
