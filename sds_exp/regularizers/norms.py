@@ -36,6 +36,11 @@ class L1:
     def __call__(self, weight: Tensor) -> Tensor:
         return self.lam * weight.abs().mean()
 
+    def prox(self, weight: Tensor, step: float) -> Tensor:
+        """argmin_V ||V - W||^2 / (2 step) + lam * mean|V|: soft-thresholding by step * lam / numel."""
+        t = step * self.lam / weight.numel()
+        return weight.sign() * (weight.abs() - t).clamp_min(0)
+
 
 @dataclass
 class L2:
@@ -49,6 +54,10 @@ class L2:
     def __call__(self, weight: Tensor) -> Tensor:
         return self.lam * weight.pow(2).mean()
 
+    def prox(self, weight: Tensor, step: float) -> Tensor:
+        """argmin_V ||V - W||^2 / (2 step) + lam * mean(V^2): a shrink by 1 / (1 + 2 step lam / numel)."""
+        return weight / (1 + 2 * step * self.lam / weight.numel())
+
 
 class RegularizerSum:
     """The sum of named terms; empty means no regularisation."""
@@ -61,6 +70,12 @@ class RegularizerSum:
 
     def __call__(self, weight: Tensor) -> Tensor:
         return sum(term(weight) for term in self.terms.values())  # type: ignore[return-value]
+
+    def prox(self, weight: Tensor, step: float) -> Tensor:
+        """The terms' proximal maps in turn (exact for L1 followed by L2: the elastic-net prox)."""
+        for term in sorted(self.terms.values(), key=lambda t: not isinstance(t, L1)):
+            weight = term.prox(weight, step)
+        return weight
 
     def parts(self, weight: Tensor) -> dict[str, float]:
         return {name: float(term(weight)) for name, term in self.terms.items()}

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from sds_exp.models.blocks import BlockInputs, decoder_blocks, find_linears
 from sds_exp.sds.gram import GramStats
 
-__all__ = ["walk_blocks", "collect_stats", "paired_pass", "dense_copy"]
+__all__ = ["walk_blocks", "collect_stats", "paired_pass", "dense_copy", "layer_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,44 @@ def collect_stats(
 
 
 @torch.no_grad()
+def layer_groups(block: nn.Module, prefix: str, inputs: BlockInputs, ignore: list[str] | tuple[str, ...] = ()) -> list[list[str]]:
+    """The block's linear layers in forward order, grouped by shared input (q/k/v, o, gate/up, down).
+
+    A layer's input depends on the groups before it, so reconstructing group by group, with fresh
+    statistics after each, keeps every layer's inputs those of the block it will live in.
+    """
+    layers = find_linears(block, prefix, ignore)
+    order: list[tuple[str, int]] = []
+    held: list[Tensor] = []  # keep inputs alive so ids stay unique during the forward
+
+    def fn(name: str, x: Tensor) -> None:
+        order.append((name, id(x)))
+        held.append(x)
+
+    handles = _hooks(layers, fn)
+    try:
+        sl, kwargs = next(iter(inputs.batches()))
+        block(inputs.hidden[sl], **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_id = None
+    for name, ident in order:
+        if groups and ident == last_id:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_id = ident
+    return groups
+
+
+@torch.no_grad()
 def paired_pass(
     student: nn.Module, teacher: nn.Module, prefix: str, xs: BlockInputs, xd: BlockInputs,
     ignore: list[str] | tuple[str, ...] = (), make_extra: Callable[[nn.Linear], object] | None = None,
-    student_out: Tensor | None = None, teacher_out: Tensor | None = None,
+    student_out: Tensor | None = None, teacher_out: Tensor | None = None, only: set[str] | None = None,
+    grams_needed: bool = True,
 ) -> tuple[dict[str, GramStats], dict[str, object]]:
     """One pass over a block with two streams: the teacher (dense block, dense inputs ``xd``) and the
     student (current block, inputs ``xs``), token-aligned.
@@ -119,6 +153,9 @@ def paired_pass(
     """
     s_layers = find_linears(student, prefix, ignore)
     t_layers = find_linears(teacher, prefix, ignore)
+    if only is not None:  # statistics for these layers only (group-by-group reconstruction)
+        s_layers = {n: l for n, l in s_layers.items() if n in only}
+        t_layers = {n: l for n, l in t_layers.items() if n in only}
     device = xs.hidden.device
     grams = _SharedInputs(s_layers, lambda lin: GramStats(lin.in_features, device, cross=True))
     extra = _SharedInputs(s_layers, make_extra) if make_extra is not None else None
@@ -128,15 +165,16 @@ def paired_pass(
         teacher_inputs[name] = x
 
     def on_student(name: str, x: Tensor) -> None:
-        lead = grams.route(name, x)
-        if lead is not None:
-            grams.stats[lead].add(x, teacher_inputs[name])
+        if grams_needed:
+            lead = grams.route(name, x)
+            if lead is not None:
+                grams.stats[lead].add(x, teacher_inputs[name])
         if extra is not None:
             lead = extra.route(name, x)
             if lead is not None:
                 extra.stats[lead].add_batch(x)
 
-    handles = _hooks(t_layers, on_teacher) + _hooks(s_layers, on_student)
+    handles = (_hooks(t_layers, on_teacher) if grams_needed else []) + _hooks(s_layers, on_student)
     try:
         for sl, kwargs in xs.batches():
             grams.new_batch()
@@ -152,4 +190,4 @@ def paired_pass(
     finally:
         for h in handles:
             h.remove()
-    return grams.result(), (extra.result() if extra is not None else {})
+    return (grams.result() if grams_needed else {}), (extra.result() if extra is not None else {})

@@ -4,9 +4,12 @@ Each stage walks the blocks in order; a block's calibration inputs come from the
 they are after this stage's own changes (the references' sequential protocol):
 
 * :func:`prune_model`      step 1: statistics on the stream, prune, forward the pruned block.
-* :func:`reactivate_model` step 2: teacher = dense block on dense inputs; student inputs = the pruned
-  model's stream ("SD-data", ``inputs="sparse"``) or the dense stream (``inputs="dense"``); every
-  entry of each linear is trainable again, starting from the pruned weight.
+* :func:`reactivate_model` step 2: teacher = dense block on dense inputs; student inputs = the stream of
+  the model being re-activated, which starts sparse and whose earlier blocks are already re-activated
+  ("SD-data", ``inputs="sparse"``), or the dense stream (``inputs="dense"``, "DD-data"); every entry of
+  each linear is trainable again, starting from the pruned weight. (Feeding the *pruned* blocks' outputs
+  forward instead trains each layer to correct errors the re-activated model no longer makes: measured on
+  SmolLM2, that re-dense model is worse than the pruned one.)
 * :func:`reprune_model`    step 3: statistics recomputed on the re-activated model, prune again with
   the same pruner, then (optionally) adjust the weights by projected gradient descent towards the
   dense outputs, with the top-|W| mask re-selected under the pattern after every step.
@@ -24,7 +27,7 @@ from sds_exp.models.blocks import BlockInputs, capture_block_inputs, decoder_blo
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.gram import GramStats
 from sds_exp.sds.reconstruct import ReconstructSettings, magnitude_projector, reconstruct
-from sds_exp.sds.sequential import collect_stats, dense_copy, paired_pass, walk_blocks
+from sds_exp.sds.sequential import collect_stats, dense_copy, layer_groups, paired_pass, walk_blocks
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
@@ -125,22 +128,28 @@ def reactivate_model(
     report: dict[str, dict[str, float]] = {}
     for _, block, prefix in walk_blocks(model, device, "reactivate"):
         teacher = dense_copy(block, prefix, dense_weights)
-        with timer("reactivate/gram_forward"):
-            if xs is not None:
-                grams, _ = paired_pass(block, teacher, prefix, xs, xd, ignore, student_out=xs_out, teacher_out=xd_out)
-            else:
-                t_layers = find_linears(teacher, prefix, ignore)
-                grams = collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out)
-        with timer("reactivate/optimise"):
-            for name, layer in find_linears(block, prefix, ignore).items():
-                problem = grams[name].problem(dense_weights[name])
-                W, _, info = reconstruct(layer.weight, problem, settings, regularizer, name=name)
-                _write(layer, W)
-                report[name] = info
+        groups = layer_groups(block, prefix, xs if xs is not None else xd, ignore)
+        for g, group in enumerate(groups):  # in forward order, with fresh statistics for each group
+            with timer("reactivate/gram_forward"):
+                if xs is not None:
+                    grams, _ = paired_pass(block, teacher, prefix, xs, xd, ignore, only=set(group),
+                                           teacher_out=xd_out if g == 0 else None)
+                else:
+                    t_layers = {n: l for n, l in find_linears(teacher, prefix, ignore).items() if n in group}
+                    grams = collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out if g == 0 else None)
+            layers = find_linears(block, prefix, ignore)
+            with timer("reactivate/optimise"):
+                for name in group:
+                    problem = grams[name].problem(dense_weights[name])
+                    W, _, info = reconstruct(layers[name].weight, problem, settings, regularizer, name=name)
+                    _write(layers[name], W)
+                    report[name] = info
         del teacher, grams
-        xd.hidden, xd_out = xd_out, xd.hidden
         if xs is not None:
+            with timer("reactivate/forward"):
+                _forward(block, xs, xs_out)  # through the re-activated block
             xs.hidden, xs_out = xs_out, xs.hidden
+        xd.hidden, xd_out = xd_out, xd.hidden
     return report
 
 
@@ -191,26 +200,37 @@ def reprune_model(
     make = (lambda lin: pruner.collector(lin.in_features, device)) if pruner.needs_calibration else None
     for _, block, prefix in walk_blocks(model, device, "reprune"):
         teacher = dense_copy(block, prefix, dense_weights)
-        with timer("reprune/gram_forward"):
-            grams, stats = paired_pass(block, teacher, prefix, xr, xd, ignore, make_extra=make, teacher_out=xd_out)
-        for name, layer in find_linears(block, prefix, ignore).items():
-            with timer("reprune/mask"):
-                plain = pruner.prune(layer.weight, stats.get(name), spec, name)
-            problem = grams[name].problem(dense_weights[name])
-            info = {"loss_plain": problem.loss(plain.weight.to(problem.A.device))}
-            weight, mask = plain.weight, plain.mask
+        groups = layer_groups(block, prefix, xr, ignore)
+        with timer("reprune/stats_forward"):  # the references' order: all layers from one pre-pruning pass
+            grams, stats = paired_pass(block, teacher, prefix, xr, xd, ignore, make_extra=make, teacher_out=xd_out,
+                                       grams_needed=adjust == "false")
+        layers = find_linears(block, prefix, ignore)
+        plains = {}
+        with timer("reprune/mask"):
+            for name, layer in layers.items():
+                plains[name] = pruner.prune(layer.weight, stats.get(name), spec, name)
+                _write(layer, plains[name].weight)
+        for group in groups:  # adjust in forward order: each group sees the adjusted groups before it
             if adjust != "false":
-                with timer("adjust/optimise"):
-                    W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
-                info["loss_adjusted"] = adj["loss_after"]
-                keep = adjust == "true" or adj["loss_after"] < info["loss_plain"]
-                info["adjust_kept"] = float(keep)
-                if keep:
-                    outcome.plain[name] = (plain.weight.cpu(), plain.mask.cpu())
-                    weight, mask = W, M
-            _write(layer, weight)
-            outcome.masks[name] = mask.cpu()
-            outcome.report[name] = info
+                with timer("adjust/gram_forward"):
+                    grams, _ = paired_pass(block, teacher, prefix, xr, xd, ignore, only=set(group))
+            for name in group:
+                plain = plains[name]
+                problem = grams[name].problem(dense_weights[name])
+                info = {"loss_plain": problem.loss(plain.weight.to(problem.A.device))}
+                weight, mask = plain.weight, plain.mask
+                if adjust != "false":
+                    with timer("adjust/optimise"):
+                        W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
+                    info["loss_adjusted"] = adj["loss_after"]
+                    keep = adjust == "true" or adj["loss_after"] < info["loss_plain"]
+                    info["adjust_kept"] = float(keep)
+                    if keep:
+                        outcome.plain[name] = (plain.weight.cpu(), plain.mask.cpu())
+                        weight, mask = W, M
+                _write(layers[name], weight)
+                outcome.masks[name] = mask.cpu()
+                outcome.report[name] = info
         del teacher, grams, stats
         with timer("reprune/forward"):
             _forward(block, xr, xr_out)

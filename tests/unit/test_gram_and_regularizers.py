@@ -47,7 +47,7 @@ def test_gram_loss_and_grad_equal_token_level(cross):
 def test_optimizer_steps_in_gram_and_token_form_agree():
     Wd, Xd, Xs, W = _streams()
     problem = _gram(Xs, Xd).problem(Wd)
-    settings = ReconstructSettings(steps=5, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    settings = ReconstructSettings(steps=5, optimizer=partial(torch.optim.Adam, lr=1e-2), precondition=False)
     reg = RegularizerSum({"l1": L1(0.1), "l2": L2(0.1)})
     Wg, _, info = reconstruct(W, problem, settings, reg)
     Wt = W.clone().requires_grad_(True)
@@ -101,6 +101,29 @@ def test_learning_rate_range_and_divergence_message():
         ReconstructSettings(steps=-3)
     Wd, Xd, Xs, W = _streams()
     problem = _gram(Xs.float(), Xd.float()).problem(Wd.float())
-    settings = ReconstructSettings(steps=50, optimizer=partial(torch.optim.SGD, lr=10.0))
+    with pytest.raises(ValueError, match="fraction of a Newton step"):
+        ReconstructSettings(optimizer=partial(torch.optim.SGD, lr=2.5))
+    settings = ReconstructSettings(steps=50, optimizer=partial(torch.optim.SGD, lr=10.0), precondition=False)
     with pytest.raises(ReconstructionDivergedError, match=r"layer blk\.q_proj.*lr=10"):
         reconstruct(W.float(), problem, settings, name="blk.q_proj")
+
+
+def test_preconditioned_step_is_a_fraction_of_the_newton_step():
+    Wd, Xd, Xs, W = _streams(out=6, inp=10, tokens=80)
+    problem = _gram(Xs, Xd).problem(Wd)
+    optimum = problem.P @ torch.linalg.inv(problem.A)  # the least-squares solution (damping ~ 0 below)
+    full = ReconstructSettings(steps=1, optimizer=partial(torch.optim.SGD, lr=1.0), damp=1e-9)
+    W1, _, _ = reconstruct(W, problem, full)
+    torch.testing.assert_close(W1, optimum, rtol=1e-5, atol=1e-6)
+    tenth = ReconstructSettings(steps=1, optimizer=partial(torch.optim.SGD, lr=0.1), damp=1e-9)
+    W2, _, _ = reconstruct(W, problem, tenth)
+    torch.testing.assert_close(W2, W + 0.1 * (optimum - W), rtol=1e-5, atol=1e-6)
+
+
+def test_proximal_maps():
+    W = torch.tensor([[0.5, -0.01], [0.02, -2.0]])
+    soft = L1(0.4).prox(W, step=0.1)  # threshold 0.1 * 0.4 / 4 = 0.01
+    torch.testing.assert_close(soft, torch.tensor([[0.49, 0.0], [0.01, -1.99]]))
+    torch.testing.assert_close(L2(0.4).prox(W, step=0.1), W / (1 + 2 * 0.1 * 0.4 / 4))
+    both = RegularizerSum({"l2": L2(0.4), "l1": L1(0.4)}).prox(W, 0.1)  # L1 first, whatever the order given
+    torch.testing.assert_close(both, soft / (1 + 2 * 0.1 * 0.4 / 4))
