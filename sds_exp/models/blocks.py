@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "NoDecoderBlocksError", "decoder_blocks", "find_linears", "BlockInputs", "capture_block_inputs",
-    "run_block", "hooked_inputs", "move_non_blocks",
+    "run_block", "move_non_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,17 +180,3 @@ def run_block(block: nn.Module, inputs: BlockInputs, out: Tensor | None = None) 
         y = block(inputs.hidden[sl], **kwargs)
         result[sl] = y[0] if isinstance(y, tuple) else y
     return result
-
-
-@contextmanager
-def hooked_inputs(layers: dict[str, nn.Linear], fn: Callable[[str, Tensor], None]):
-    """While active, call ``fn(name, x)`` with the input ``x`` (batch, tokens, in) of every layer's forward."""
-    handles = [
-        layer.register_forward_hook(lambda mod, args, out, _name=name: fn(_name, args[0].detach()))
-        for name, layer in layers.items()
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -141,7 +141,7 @@ def layer_groups(block: nn.Module, prefix: str, inputs: BlockInputs, ignore: lis
 def paired_pass(
     student: nn.Module, teacher: nn.Module, prefix: str, xs: BlockInputs, xd: BlockInputs,
     ignore: list[str] | tuple[str, ...] = (), make_extra: Callable[[nn.Linear], object] | None = None,
-    student_out: Tensor | None = None, teacher_out: Tensor | None = None, only: set[str] | None = None,
+    teacher_out: Tensor | None = None, only: set[str] | None = None,
     grams_needed: bool = True,
 ) -> tuple[dict[str, GramStats], dict[str, object]]:
     """One pass over a block with two streams: the teacher (dense block, dense inputs ``xd``) and the
@@ -149,7 +149,7 @@ def paired_pass(
 
     Returns per-layer :class:`GramStats` (X_s X_s^T, X_s X_d^T, X_d X_d^T) and, if ``make_extra`` is
     given, extra statistics (e.g. a pruner's) of the student inputs. Block outputs go to
-    ``student_out``/``teacher_out`` when given.
+    ``teacher_out`` when given.
     """
     s_layers = find_linears(student, prefix, ignore)
     t_layers = find_linears(teacher, prefix, ignore)
@@ -182,11 +182,9 @@ def paired_pass(
                 extra.new_batch()
             teacher_inputs.clear()
             yt = teacher(xd.hidden[sl], **kwargs)
-            ys = student(xs.hidden[sl], **kwargs)
+            student(xs.hidden[sl], **kwargs)
             if teacher_out is not None:
                 teacher_out[sl] = yt[0] if isinstance(yt, tuple) else yt
-            if student_out is not None:
-                student_out[sl] = ys[0] if isinstance(ys, tuple) else ys
     finally:
         for h in handles:
             h.remove()

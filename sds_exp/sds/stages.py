@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from sds_exp.models.blocks import BlockInputs, capture_block_inputs, decoder_blocks, find_linears
+from sds_exp.models.blocks import capture_block_inputs, decoder_blocks, find_linears, run_block
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.gram import GramStats
 from sds_exp.sds.reconstruct import ReconstructSettings, magnitude_projector, reconstruct
@@ -66,10 +66,6 @@ def _write(layer: nn.Linear, weight: Tensor) -> None:
     layer.weight.data.copy_(weight.to(layer.weight.dtype))
 
 
-def _capture(model: nn.Module, calib: Tensor, device, batch_size: int) -> BlockInputs:
-    return capture_block_inputs(model, calib, device, batch_size)
-
-
 @torch.no_grad()
 def prune_model(
     model: nn.Module, calib: Tensor, pruner: Pruner, spec: SparsitySpec, *, device="cpu", batch_size: int = 8,
@@ -87,7 +83,7 @@ def prune_model(
                 masks[name] = result.mask.cpu()
         return masks
     with timer("prune/capture"):
-        stream = _capture(model, calib, device, batch_size)
+        stream = capture_block_inputs(model, calib, device, batch_size)
     out = torch.empty_like(stream.hidden)
     for _, block, prefix in walk_blocks(model, device, desc):
         layers = find_linears(block, prefix, ignore)
@@ -100,14 +96,8 @@ def prune_model(
                 masks[name] = result.mask.cpu()
         del stats
         with timer("prune/forward"):
-            stream.hidden, out = _forward(block, stream, out), stream.hidden
+            stream.hidden, out = run_block(block, stream, out), stream.hidden
     return masks
-
-
-def _forward(block: nn.Module, stream: BlockInputs, out: Tensor) -> Tensor:
-    from sds_exp.models.blocks import run_block
-
-    return run_block(block, stream, out)
 
 
 @torch.no_grad()
@@ -121,7 +111,7 @@ def reactivate_model(
         raise ValueError(f"reactivate inputs={inputs!r}; allowed: 'sparse' (SD-data), 'dense' (DD-data)")
     timer = timer or PhaseTimer()
     with timer("reactivate/capture"):
-        xd = _capture(model, calib, device, batch_size)
+        xd = capture_block_inputs(model, calib, device, batch_size)
     xs = xd.clone() if inputs == "sparse" else None  # embeddings are never pruned: same start
     xd_out = torch.empty_like(xd.hidden)
     xs_out = torch.empty_like(xd.hidden) if xs is not None else None
@@ -147,7 +137,7 @@ def reactivate_model(
         del teacher, grams
         if xs is not None:
             with timer("reactivate/forward"):
-                _forward(block, xs, xs_out)  # through the re-activated block
+                run_block(block, xs, xs_out)  # through the re-activated block
             xs.hidden, xs_out = xs_out, xs.hidden
         xd.hidden, xd_out = xd_out, xd.hidden
     return report
@@ -191,7 +181,7 @@ def reprune_model(
     timer = timer or PhaseTimer()
     validate_layers(prunable_layers(model, ignore), spec)
     with timer("reprune/capture"):
-        xr = _capture(model, calib, device, batch_size)
+        xr = capture_block_inputs(model, calib, device, batch_size)
     xd = xr.clone()
     xd_out = torch.empty_like(xd.hidden)
     xr_out = torch.empty_like(xr.hidden)
@@ -233,7 +223,7 @@ def reprune_model(
                 outcome.report[name] = info
         del teacher, grams, stats
         with timer("reprune/forward"):
-            _forward(block, xr, xr_out)
+            run_block(block, xr, xr_out)
         xr.hidden, xr_out = xr_out, xr.hidden
         xd.hidden, xd_out = xd_out, xd.hidden
     return outcome
