@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "NoDecoderBlocksError", "decoder_blocks", "find_linears", "BlockInputs", "capture_block_inputs",
-    "run_block", "move_non_blocks",
+    "run_block", "move_non_blocks", "StopForward",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def find_linears(module: nn.Module, prefix: str = "", ignore: list[str] | tuple[
     return found
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to stop the model's forward after the first block's inputs are seen."""
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (capture: after the first block's inputs are seen)."""
 
 
 @dataclass
@@ -147,7 +147,7 @@ def capture_block_inputs(
         x = args[0] if args else kwargs.pop("hidden_states")
         state["x"] = x
         state["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+        raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -155,7 +155,7 @@ def capture_block_inputs(
             ids = input_ids[start : start + batch_size].to(device)
             try:
                 model(input_ids=ids, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             else:
                 raise RuntimeError("the first decoder block was never called during capture")

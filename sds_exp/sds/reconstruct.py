@@ -51,6 +51,7 @@ class ReconstructSettings:
             making ``lr`` the fraction of a Newton step (then 0 < lr < 2 with SGD).
         damp: damping of that inverse, as a fraction of mean(diag(A)) (SparseGPT's percdamp).
         explode_factor: stop when the loss exceeds this multiple of its starting value.
+        check_every: evaluate the objective for that check every this many steps (and after the last).
     """
 
     steps: int = 200
@@ -58,6 +59,7 @@ class ReconstructSettings:
     precondition: bool = True
     damp: float = 0.01
     explode_factor: float = 100.0
+    check_every: int = 10
 
     def __post_init__(self) -> None:
         if int(self.steps) != self.steps or self.steps < 0:
@@ -67,6 +69,8 @@ class ReconstructSettings:
         if lr is not None and (not math.isfinite(lr) or not ok):
             raise ValueError(f"learning rate lr={lr}; allowed: " + ("0 < lr < 2" if self.precondition else "0 < lr <= 10")
                              + (" (a fraction of a Newton step with precondition=true)" if self.precondition else ""))
+        if int(self.check_every) != self.check_every or self.check_every < 1:
+            raise ValueError(f"check_every={self.check_every}; must be a positive integer")
         if not 0 < self.damp < 10:
             raise ValueError(f"damp={self.damp}; allowed: 0 < damp < 10")
 
@@ -80,18 +84,33 @@ def magnitude_projector(spec: SparsitySpec, group: str = "row") -> Callable[[Ten
     return lambda W: select_mask(W.abs(), spec, group)
 
 
-def _inverse_hessian(problem: LayerProblem, out: int, damp: float, name: str) -> Tensor:
-    """(2A/out + damp * mean(diag(2A/out)) I)^-1, the inverse Hessian of the reconstruction term per row."""
-    H = problem.A * (2.0 / out)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    mean_diag = torch.diag(H).mean().clamp_min(1e-12)
+def _damped_inverse(A: Tensor, damp: float, name: str) -> tuple[Tensor, float]:
+    """(B, delta) with B = (A + delta I)^-1, delta = damp * mean(diag(A)) (10x more on a failed Cholesky).
+
+    The inverse Hessian of the reconstruction term per row is (2A/out + damp mean(diag(2A/out)) I)^-1
+    = (out/2) B, so the preconditioned gradient is (WA - P) B = W - delta W B - P B: one (out x in x in)
+    product per step once P B is computed.
+    """
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    mean_diag = float(torch.diag(A).mean().clamp_min(1e-12))
     for attempt in range(6):
-        L, info = torch.linalg.cholesky_ex(H + damp * 10**attempt * mean_diag * eye)
+        delta = damp * 10**attempt * mean_diag
+        L, info = torch.linalg.cholesky_ex(A + delta * eye)
         if info == 0:
             if attempt:
                 log.warning("layer %s: preconditioner needed damp=%g", name, damp * 10**attempt)
-            return torch.cholesky_inverse(L)
+            return torch.cholesky_inverse(L), delta
     raise torch.linalg.LinAlgError(f"layer {name}: the damped Gram matrix is not positive definite")
+
+
+def _check(problem, W, WA, regularizer, limit, step, start, settings, name) -> None:
+    value = problem.loss(W, WA) + (float(regularizer(W.detach())) if regularizer is not None else 0.0)
+    if not math.isfinite(value) or value > limit:
+        raise ReconstructionDivergedError(
+            f"layer {name}: objective {value:.4g} at step {step} (started at {start:.4g}) "
+            f"with optimizer {getattr(settings.optimizer, 'func', settings.optimizer)} lr={settings.lr}, "
+            f"steps={settings.steps}; lower the learning rate"
+        )
 
 
 def reconstruct(
@@ -124,9 +143,10 @@ def reconstruct(
         W.mul_(mask)
     loss_before = problem.loss(W)
     reg_before = float(regularizer(W)) if regularizer is not None else 0.0
-    precond = reg_scale = None
+    B = PB = None
     if settings.precondition:
-        precond = _inverse_hessian(problem, W.shape[0], settings.damp, name)
+        B, delta = _damped_inverse(problem.A, settings.damp, name)
+        PB = problem.P @ B
         # the penalty is applied by its proximal map with step lr / (mean curvature of the quadratic term):
         # a Newton-scaled subgradient of L1 has no curvature to bound it and oscillates or diverges
         reg_scale = 1.0 / float((torch.diag(problem.A) * (2.0 / W.shape[0])).mean().clamp_min(1e-12))
@@ -134,24 +154,20 @@ def reconstruct(
     W.requires_grad_(True)
     opt = settings.optimizer([W])
     limit = settings.explode_factor * max(loss_before + reg_before, 1e-12)
-    loss, reg_value = loss_before, reg_before
-    for step in range(int(settings.steps)):
-        opt.zero_grad(set_to_none=False)
+    steps = int(settings.steps)
+    for step in range(steps):
         with torch.no_grad():
-            WA = W @ problem.A
-            loss = problem.loss(W, WA)
-            if not math.isfinite(loss + reg_value) or loss + reg_value > limit:
-                raise ReconstructionDivergedError(
-                    f"layer {name}: objective {loss + reg_value:.4g} at step {step} (started at "
-                    f"{loss_before + reg_before:.4g}) "
-                    f"with optimizer {getattr(settings.optimizer, 'func', settings.optimizer)} lr={settings.lr}, "
-                    f"steps={settings.steps}; lower the learning rate"
-                )
-            grad = problem.grad(W, WA)
-        if regularizer is not None:
-            reg_value = float(regularizer(W.detach()))
-        if precond is not None:
-            W.grad = grad @ precond
+            if B is not None:  # preconditioned gradient (WA - P) B without forming WA (see _damped_inverse)
+                grad = W - PB
+                grad.addmm_(W, B, alpha=-delta)
+                WA = None
+            else:
+                WA = W @ problem.A
+                grad = problem.grad(W, WA)
+            if step % settings.check_every == 0:  # divergence check (the loss costs one more product)
+                _check(problem, W, WA, regularizer, limit, step, loss_before + reg_before, settings, name)
+        if B is not None:
+            W.grad = grad
             if regularizer is not None and not use_prox:
                 with torch.enable_grad():
                     regularizer(W).backward()  # adds the penalty's gradient (custom terms without prox)
@@ -162,7 +178,7 @@ def reconstruct(
             W.grad = grad + (W.grad if W.grad is not None else 0)
         opt.step()
         W.grad = None
-        if precond is not None and use_prox:
+        if B is not None and use_prox:
             with torch.no_grad():
                 W.copy_(regularizer.prox(W, settings.lr * reg_scale))
         if project is not None:
@@ -173,6 +189,7 @@ def reconstruct(
     loss_after = problem.loss(W)
     if not math.isfinite(loss_after):
         raise ReconstructionDivergedError(f"layer {name}: final reconstruction loss is {loss_after}")
+    _check(problem, W, None, regularizer, limit, steps, loss_before + reg_before, settings, name)
     reg_after = float(regularizer(W)) if regularizer is not None else 0.0
     return W, mask, {"loss_before": loss_before, "loss_after": loss_after, "reg_before": reg_before,
                      "reg_after": reg_after, "objective_before": loss_before + reg_before,

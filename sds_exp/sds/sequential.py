@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sds_exp.models.blocks import BlockInputs, decoder_blocks, find_linears
-from sds_exp.sds.gram import GramStats
+from sds_exp.models.blocks import BlockInputs, StopForward, decoder_blocks, find_linears
+from sds_exp.sds.gram import GramStats, LayerProblem
 
-__all__ = ["walk_blocks", "collect_stats", "paired_pass", "dense_copy", "layer_groups"]
+__all__ = ["walk_blocks", "collect_stats", "paired_pass", "LayerGrams", "dense_copy", "layer_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -137,32 +137,59 @@ def layer_groups(block: nn.Module, prefix: str, inputs: BlockInputs, ignore: lis
     return groups
 
 
+class LayerGrams:
+    """Per-layer Gram statistics of a paired pass and the teacher's output energy of each layer."""
+
+    def __init__(self, grams: dict[str, GramStats], out_sq: dict[str, float] | None = None) -> None:
+        self.grams, self.out_sq = grams, out_sq or {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.grams
+
+    def problem(self, name: str, dense_weight: Tensor) -> LayerProblem:
+        return self.grams[name].problem(dense_weight, self.out_sq.get(name))
+
+
 @torch.no_grad()
 def paired_pass(
     student: nn.Module, teacher: nn.Module, prefix: str, xs: BlockInputs, xd: BlockInputs,
     ignore: list[str] | tuple[str, ...] = (), make_extra: Callable[[nn.Linear], object] | None = None,
     teacher_out: Tensor | None = None, only: set[str] | None = None,
     grams_needed: bool = True,
-) -> tuple[dict[str, GramStats], dict[str, object]]:
+) -> tuple[LayerGrams, dict[str, object]]:
     """One pass over a block with two streams: the teacher (dense block, dense inputs ``xd``) and the
     student (current block, inputs ``xs``), token-aligned.
 
-    Returns per-layer :class:`GramStats` (X_s X_s^T, X_s X_d^T, X_d X_d^T) and, if ``make_extra`` is
-    given, extra statistics (e.g. a pruner's) of the student inputs. Block outputs go to
-    ``teacher_out`` when given.
+    Returns per-layer Gram statistics (X_s X_s^T, X_s X_d^T, and the teacher's output energy for c0)
+    and, if ``make_extra`` is given, extra statistics (e.g. a pruner's) of the student inputs. Block
+    outputs go to ``teacher_out`` when given. With ``only`` and no ``teacher_out``, each forward stops
+    as soon as the last layer of ``only`` has been seen (a group early in the block costs little).
     """
     s_layers = find_linears(student, prefix, ignore)
     t_layers = find_linears(teacher, prefix, ignore)
     if only is not None:  # statistics for these layers only (group-by-group reconstruction)
         s_layers = {n: l for n, l in s_layers.items() if n in only}
         t_layers = {n: l for n, l in t_layers.items() if n in only}
+    stop_teacher = only is not None and teacher_out is None  # the teacher's block output is not needed
+    stop_student = only is not None
     device = xs.hidden.device
-    grams = _SharedInputs(s_layers, lambda lin: GramStats(lin.in_features, device, cross=True))
+    grams = _SharedInputs(s_layers, lambda lin: GramStats(lin.in_features, device, cross=True, teacher_gram=False))
     extra = _SharedInputs(s_layers, make_extra) if make_extra is not None else None
     teacher_inputs: dict[str, Tensor] = {}
+    out_sq: dict[str, float] = dict.fromkeys(t_layers, 0.0)
+    seen: set[str] = set()
 
-    def on_teacher(name: str, x: Tensor) -> None:
+    def maybe_stop(name: str, layers: dict, stop: bool) -> None:
+        seen.add(name)
+        if stop and len(seen) == len(layers):
+            raise StopForward
+
+    def on_teacher(name: str, x: Tensor, y: Tensor) -> None:
         teacher_inputs[name] = x
+        bias = t_layers[name].bias
+        y = y.float() if bias is None else y.float() - bias.float()
+        out_sq[name] += float(torch.linalg.vector_norm(y) ** 2)
+        maybe_stop(name, t_layers, stop_teacher)
 
     def on_student(name: str, x: Tensor) -> None:
         if grams_needed:
@@ -173,19 +200,30 @@ def paired_pass(
             lead = extra.route(name, x)
             if lead is not None:
                 extra.stats[lead].add_batch(x)
+        maybe_stop(name, s_layers, stop_student)
 
-    handles = (_hooks(t_layers, on_teacher) if grams_needed else []) + _hooks(s_layers, on_student)
+    t_handles = [layer.register_forward_hook(lambda m, a, o, _n=name: on_teacher(_n, a[0], o))
+                 for name, layer in t_layers.items()] if grams_needed else []
+    handles = t_handles + _hooks(s_layers, on_student)
     try:
         for sl, kwargs in xs.batches():
             grams.new_batch()
             if extra is not None:
                 extra.new_batch()
             teacher_inputs.clear()
-            yt = teacher(xd.hidden[sl], **kwargs)
-            student(xs.hidden[sl], **kwargs)
+            seen.clear()
+            try:
+                yt = teacher(xd.hidden[sl], **kwargs)
+            except StopForward:
+                yt = None
+            seen.clear()
+            try:
+                student(xs.hidden[sl], **kwargs)
+            except StopForward:
+                pass
             if teacher_out is not None:
                 teacher_out[sl] = yt[0] if isinstance(yt, tuple) else yt
     finally:
         for h in handles:
             h.remove()
-    return (grams.result() if grams_needed else {}), (extra.result() if extra is not None else {})
+    return LayerGrams(grams.result() if grams_needed else {}, out_sq), (extra.result() if extra is not None else {})

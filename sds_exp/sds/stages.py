@@ -27,7 +27,7 @@ from sds_exp.models.blocks import capture_block_inputs, decoder_blocks, find_lin
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.gram import GramStats
 from sds_exp.sds.reconstruct import ReconstructSettings, magnitude_projector, reconstruct
-from sds_exp.sds.sequential import collect_stats, dense_copy, layer_groups, paired_pass, walk_blocks
+from sds_exp.sds.sequential import LayerGrams, collect_stats, dense_copy, layer_groups, paired_pass, walk_blocks
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
@@ -126,11 +126,12 @@ def reactivate_model(
                                            teacher_out=xd_out if g == 0 else None)
                 else:
                     t_layers = {n: l for n, l in find_linears(teacher, prefix, ignore).items() if n in group}
-                    grams = collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out if g == 0 else None)
+                    grams = LayerGrams(collect_stats(teacher, t_layers, xd, _plain_gram(device),
+                                                     out=xd_out if g == 0 else None))
             layers = find_linears(block, prefix, ignore)
             with timer("reactivate/optimise"):
                 for name in group:
-                    problem = grams[name].problem(dense_weights[name])
+                    problem = grams.problem(name, dense_weights[name])
                     W, _, info = reconstruct(layers[name].weight, problem, settings, regularizer, name=name)
                     _write(layers[name], W)
                     report[name] = info
@@ -206,7 +207,7 @@ def reprune_model(
                     grams, _ = paired_pass(block, teacher, prefix, xr, xd, ignore, only=set(group))
             for name in group:
                 plain = plains[name]
-                problem = grams[name].problem(dense_weights[name])
+                problem = grams.problem(name, dense_weights[name])
                 info = {"loss_plain": problem.loss(plain.weight.to(problem.A.device))}
                 weight, mask = plain.weight, plain.mask
                 if adjust != "false":

@@ -120,3 +120,47 @@ def test_full_sds_meets_spec_and_reports(tiny_llama, spec):
         assert ((layer.weight != 0) <= mask).all()
     assert set(result.reports) == {"reactivate", "reprune"}
     assert all("loss_adjusted" in r for r in result.reports["reprune"].values())
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt"])
+def test_paired_pass_per_group_equals_token_level_problem(family, request):
+    """The group passes stop the forwards early and read c0 from the teacher's outputs (minus bias);
+    A, P and c0 must still be those of the layer's own inputs over every calibration token."""
+    from sds_exp.models.blocks import find_linears
+    from sds_exp.sds.gram import GramStats
+    from sds_exp.sds.sequential import dense_copy, layer_groups, paired_pass
+
+    lm = request.getfixturevalue(family)
+    calib = _calib(lm.tokenizer, n=5)
+    xd = capture_block_inputs(lm.model, calib, "cpu", batch_size=2)
+    path, blocks = decoder_blocks(lm.model)
+    block, prefix = blocks[0], f"{path}.0"
+    dense = {n: l.weight.detach().clone() for n, l in find_linears(block, prefix).items()}
+    teacher = dense_copy(block, prefix, dense)
+    prune_model(lm.model, calib, Magnitude(), NM)  # the student: pruned weights, perturbed inputs
+    xs = xd.clone()
+    xs.hidden = xs.hidden + 0.1 * torch.randn_like(xs.hidden)
+
+    def layer_inputs(module):
+        ins: dict[str, list] = {}
+
+        def keep(name, x):
+            ins.setdefault(name, []).append(x)
+
+        hooks = [l.register_forward_hook(lambda m, a, o, _n=n: keep(_n, a[0]))
+                 for n, l in find_linears(module, prefix).items()]
+        run_block(module, xs if module is block else xd)
+        for h in hooks:
+            h.remove()
+        return {n: torch.cat(v) for n, v in ins.items()}
+
+    s_in, d_in = layer_inputs(block), layer_inputs(teacher)
+    for group in layer_groups(block, prefix, xs):
+        grams, _ = paired_pass(block, teacher, prefix, xs, xd, only=set(group))
+        for name in group:
+            ref = GramStats(s_in[name].shape[-1], cross=True, teacher_gram=True, dtype=torch.float64)
+            ref.add(s_in[name].double(), d_in[name].double())
+            want, got = ref.problem(dense[name].double()), grams.problem(name, dense[name])
+            torch.testing.assert_close(got.A.double(), want.A, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.P.double(), want.P, rtol=1e-4, atol=1e-5)
+            assert got.c0 == pytest.approx(want.c0, rel=1e-4)
