@@ -44,7 +44,11 @@ log = logging.getLogger(__name__)
 STATUSES = ("completed", "failed", "running", "missing")
 # Overridden keys that are table coordinates (or bookkeeping), never a row variant.
 COORDINATE_KEYS = {"model", "pruner", "sds", "pattern", "sparsity", "seed", "experiment"}
-BOOKKEEPING_PREFIXES = ("hydra", "paths", "logger")
+BOOKKEEPING_PREFIXES = ("hydra", "paths", "logger", "resume", "save_model", "tags",
+                        # evaluation extras that leave the table's numbers as they are (a zero-shot suite
+                        # added, intermediate stages on fewer windows); max_windows/seqlen still vary rows
+                        "benchmark.zeroshot", "benchmark.ppl.stage_max_windows")
+BOOKKEEPING_KEYS = {"benchmark"}  # the suite choice itself (ppl / paper): same perplexity protocol
 # Keys that act after the first prune: they cannot change the `prune/` stage of an SDS job.
 POST_PRUNE_KEYS = ("regularizer", "sds.")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -389,7 +393,7 @@ class JobLabel:
 
 
 def _is_variant_key(key: str) -> bool:
-    return key not in COORDINATE_KEYS and not key.startswith(BOOKKEEPING_PREFIXES)
+    return key not in COORDINATE_KEYS | BOOKKEEPING_KEYS and not key.startswith(BOOKKEEPING_PREFIXES)
 
 
 def _text(value: Any) -> str:

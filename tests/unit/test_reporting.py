@@ -515,6 +515,18 @@ def test_directory_of_single_runs(tmp_path):
     assert "Dense wikitext2/ppl of opt-125m differs between jobs (20.00 to 21.00)" in md
 
 
+def test_evaluation_only_overrides_do_not_split_rows(tmp_path):
+    """A zero-shot suite or fewer windows on intermediate stages leave a job in its method's row."""
+    runs = (("sds_a", ["benchmark=paper", "benchmark.zeroshot.limit=100", "benchmark.ppl.max_windows=40"]),
+            ("sds_b", ["benchmark.ppl.stage_max_windows={reactivate: 8}", "benchmark.ppl.max_windows=40"]))
+    for name, extra in runs:
+        ov = ["pruner=wanda", "sds=default", 'pattern="2:4"', *extra]
+        write_job(tmp_path / "runs" / name, None, ov,
+                  stage_metrics(["dense", "prune", "adjust"], {"dense": 20.0, "prune": 50.0, "adjust": 40.0}))
+    md = to_markdown(build_table(collect_jobs(tmp_path / "runs"), []))
+    assert "| 2:4 | SDS-Wanda | 40.00 |" in md and "zeroshot" not in md.split("| job |")[0]
+
+
 def test_pattern_labels_and_errors(tmp_path):
     assert pattern_label("2:4", 0.5) == "2:4" and pattern_label(" 4 : 8", 0.5) == "4:8"
     assert (
