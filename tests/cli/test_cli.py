@@ -65,3 +65,26 @@ def test_no_data_mirror_and_no_hub(tmp_path):
     assert proc.returncode != 0
     assert "Set SDS_DATA_DIR (or paths.data_dir=...)" in proc.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.integration
+def test_select_lambda_script(tmp_path, data_dir):
+    """The lambda-selection script on a truncated tiny model: one row per lambda, every stage measured on
+    the validation slice and the calibration windows, the choice written out."""
+    out = tmp_path / "sel"
+    cmd = [sys.executable, "scripts/select_lambda.py", "--model", "tiny_llama", "--blocks", "2", "--nsamples", "4",
+           "--seqlen", "64", "--val-windows", "3", "--steps", "5", "--lams", "0,0.1", "--dtype", "float32",
+           "--data-dir", str(data_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "select_lambda.json").read_text())
+    assert [r["lam"] for r in result["rows"]] == [0.0, 0.1]
+    for row in result["rows"]:
+        assert list(row["errors"]) == ["prune", "reactivate", "reprune", "adjust"]
+        assert all(0 <= e["validation"] < 10 and 0 <= e["calibration"] < 10 for e in row["errors"].values())
+    # lambda acts after the first prune only: the prune stage is the same for both
+    assert result["rows"][0]["errors"]["prune"] == result["rows"][1]["errors"]["prune"]
+    assert "Lowest final validation error: lambda =" in (out / "select_lambda.md").read_text()
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(cmd[:3] + ["--blocks", "99"] + cmd[5:], cwd=ROOT, check=True, capture_output=True, timeout=600)
