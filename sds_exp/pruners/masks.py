@@ -48,6 +48,14 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     if cols % m:
         raise ValueError(f"in_features={cols} is not divisible by M={m}")
     groups = scores.reshape(rows, cols // m, m)
+    if m <= 8:  # small groups: each entry's position in the stable ascending order by counting (~4x a sort)
+        cols_ = groups.unbind(-1)
+        pos = torch.zeros_like(groups, dtype=torch.int8)
+        for i in range(m):
+            for j in range(m):
+                if j != i:  # entries before i in stable order: smaller ones, and equal ones at a lower index
+                    pos[..., i] += (cols_[j] <= cols_[i]) if j < i else (cols_[j] < cols_[i])
+        return (pos >= m - n).reshape(rows, cols)
     # stable sort: among equal scores the lower column index is pruned first
     idx = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
     mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, idx, False)
