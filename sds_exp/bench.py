@@ -126,7 +126,7 @@ def run(args) -> dict:
         model, timer = copy.deepcopy(base), PhaseTimer()
         config = SDSConfig(reactivate=ReconstructSettings(steps=args.steps), adjustment=ReconstructSettings(steps=args.steps))
         t = time.perf_counter()
-        result = run_sds(model, calib, Wanda(), spec, config, RegularizerSum({"l1": L1(0.1), "l2": L2(0.1)}),
+        result = run_sds(model, calib, Wanda(), spec, config, RegularizerSum({"l1": L1(0.001), "l2": L2(0.001)}),
                          device=device, batch_size=args.batch_size, timer=timer)
         nlayers = len(result.masks)
         size["sds_wanda"] = {"total_s": time.perf_counter() - t, **dict(timer.seconds),
