@@ -186,8 +186,11 @@ def paired_pass(
 
     def on_teacher(name: str, x: Tensor, y: Tensor) -> None:
         teacher_inputs[name] = x
-        bias = t_layers[name].bias
-        y = y.float() if bias is None else y.float() - bias.float()
+        layer = t_layers[name]
+        if y.dtype in (torch.float32, torch.float64):
+            y = y.float() if layer.bias is None else y.float() - layer.bias.float()
+        else:  # bf16/fp16 outputs: rounding the large (outlier) entries moves c0 by more than the loss itself
+            y = x.reshape(-1, x.shape[-1]).float() @ layer.weight.float().t()
         out_sq[name] += float(torch.linalg.vector_norm(y) ** 2)
         maybe_stop(name, t_layers, stop_teacher)
 

@@ -122,8 +122,9 @@ def test_full_sds_meets_spec_and_reports(tiny_llama, spec):
     assert all("loss_adjusted" in r for r in result.reports["reprune"].values())
 
 
-@pytest.mark.parametrize("family", ["tiny_llama", "tiny_opt"])
-def test_paired_pass_per_group_equals_token_level_problem(family, request):
+@pytest.mark.parametrize("family, dtype", [("tiny_llama", torch.float32), ("tiny_opt", torch.float32),
+                                           ("tiny_llama", torch.bfloat16)])
+def test_paired_pass_per_group_equals_token_level_problem(family, dtype, request):
     """The group passes stop the forwards early and read c0 from the teacher's outputs (minus bias);
     A, P and c0 must still be those of the layer's own inputs over every calibration token."""
     from sds_exp.models.blocks import find_linears
@@ -131,6 +132,7 @@ def test_paired_pass_per_group_equals_token_level_problem(family, request):
     from sds_exp.sds.sequential import dense_copy, layer_groups, paired_pass
 
     lm = request.getfixturevalue(family)
+    lm.model.to(dtype)  # bf16: c0 must still be exact for the bf16 inputs (not from rounded outputs)
     calib = _calib(lm.tokenizer, n=5)
     xd = capture_block_inputs(lm.model, calib, "cpu", batch_size=2)
     path, blocks = decoder_blocks(lm.model)
