@@ -74,9 +74,43 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def memory_bound_gib(model, nsamples: int, seqlen: int, act_bytes: int) -> float:
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PassMemory:
+    """Peak resident memory of one pass above what was resident before it (Linux).
+
+    Writing "5" to ``/proc/self/clear_refs`` resets the process's high-water mark (VmHWM) to its current
+    RSS, so ``peak - before`` is the pass's own working set: streams, statistics, teacher copies,
+    temporaries; not the model, the tokenizer or earlier garbage. ``gib`` stays None where /proc lacks it.
+    """
+
+    def __enter__(self) -> PassMemory:
+        self.gib = None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.before = None
+            return self
+        self.before = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _status_kib("VmHWM")
+        if self.before is not None and peak is not None:
+            self.gib = (peak - self.before) / 2**20
+
+
+def memory_bound_gib(model, nsamples: int, seqlen: int, act_bytes: int, with_model: bool = True) -> float:
     """model + 4 streams (dense/pruned x in/out) of one block + 3 Gram matrices per distinct input + 1 GiB."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) if with_model else 0
     hidden = model.config.hidden_size
     streams = 4 * nsamples * seqlen * hidden * act_bytes
     path, blocks = decoder_blocks(model)
@@ -128,15 +162,19 @@ def run(args) -> dict:
         for pname, pruner in (("magnitude", Magnitude()), ("wanda", Wanda()), ("sparsegpt", SparseGPT())):
             model, timer = copy.deepcopy(base), PhaseTimer()
             t = time.perf_counter()
-            prune_model(model, calib, pruner, spec, device=device, batch_size=args.batch_size, timer=timer)
+            with PassMemory() as mem:
+                prune_model(model, calib, pruner, spec, device=device, batch_size=args.batch_size, timer=timer)
             size[pname] = {"total_s": time.perf_counter() - t, **{k: v for k, v in timer.seconds.items()}}
+            size[pname + "_pass_memory_gib"] = mem.gib
             log.info("%d samples, %s: %s", nsamples, pname, {k: round(v, 2) for k, v in size[pname].items()})
             del model
         model, timer = copy.deepcopy(base), PhaseTimer()
         config = SDSConfig(reactivate=ReconstructSettings(steps=args.steps), adjustment=ReconstructSettings(steps=args.steps))
         t = time.perf_counter()
-        result = run_sds(model, calib, Wanda(), spec, config, RegularizerSum({"l1": L1(0.001), "l2": L2(0.001)}),
-                         device=device, batch_size=args.batch_size, timer=timer)
+        with PassMemory() as mem:
+            result = run_sds(model, calib, Wanda(), spec, config, RegularizerSum({"l1": L1(0.001), "l2": L2(0.001)}),
+                             device=device, batch_size=args.batch_size, timer=timer)
+        size["sds_wanda_pass_memory_gib"] = mem.gib
         nlayers = len(result.masks)
         size["sds_wanda"] = {"total_s": time.perf_counter() - t, **dict(timer.seconds),
                              "per_layer_reactivate_optimise_s": timer.seconds["reactivate/optimise"] / nlayers,
@@ -144,8 +182,12 @@ def run(args) -> dict:
         log.info("%d samples, sds_wanda: %s", nsamples, {k: round(v, 2) for k, v in size["sds_wanda"].items()})
         del model
         results["sizes"][str(nsamples)] = size
+    big = results["sizes"][str(max(args.sizes))]
     results["memory"] = {"peak_rss_gib": peak_rss_gib(),
-                         "bound_gib": memory_bound_gib(base, max(args.sizes), args.seqlen, base.dtype.itemsize)}
+                         "bound_gib": memory_bound_gib(base, max(args.sizes), args.seqlen, base.dtype.itemsize),
+                         "sds_pass_gib": big["sds_wanda_pass_memory_gib"],
+                         "pass_bound_gib": memory_bound_gib(base, max(args.sizes), args.seqlen, base.dtype.itemsize,
+                                                            with_model=False)}
     if torch.cuda.is_available():
         results["memory"]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["ratios"] = ratios(results)
@@ -167,6 +209,8 @@ def ratios(r: dict) -> dict:
         "sds_extra_over_plain_prune": extra / plain,
         "memory_peak_over_bound": r["memory"]["peak_rss_gib"] / r["memory"]["bound_gib"],
     }
+    if r["memory"].get("sds_pass_gib") is not None:
+        out["sds_pass_memory_over_pass_bound"] = r["memory"]["sds_pass_gib"] / r["memory"]["pass_bound_gib"]
     if len(r["sizes"]) >= 2:
         lo, hi = sorted(map(int, r["sizes"]))[:2]
         a, b = r["sizes"][str(lo)]["sds_wanda"], r["sizes"][str(hi)]["sds_wanda"]
@@ -187,9 +231,15 @@ def markdown(r: dict) -> str:
                      f"{p['flops'] / 1e9:.0f} GFLOP/s = {100 * p['fraction_of_peak']:.0f}% of peak |")
     for n, size in r["sizes"].items():
         for name, phases in size.items():
+            if not isinstance(phases, dict):
+                continue
             cells = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
             lines.append(f"| {n} samples: {name} (s) | {cells} |")
-    lines.append(f"| peak memory | {r['memory']['peak_rss_gib']:.2f} GiB RSS (bound {r['memory']['bound_gib']:.2f} GiB) |")
+    m = r["memory"]
+    lines.append(f"| peak memory | {m['peak_rss_gib']:.2f} GiB RSS of the whole process (bound {m['bound_gib']:.2f} GiB) |")
+    if m.get("sds_pass_gib") is not None:
+        lines.append(f"| SDS pass working set | {m['sds_pass_gib']:.2f} GiB above the resident model "
+                     f"(bound without the model {m['pass_bound_gib']:.2f} GiB) |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in r["ratios"].items()]
     return "\n".join(lines) + "\n"
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sds_exp.checkpoint import StageStore
 from sds_exp.pruners.base import Pruner
-from sds_exp.sds.reconstruct import ReconstructSettings
+from sds_exp.sds.reconstruct import ADJUST_SCORES, ReconstructSettings
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, reprune_model, snapshot_weights
 from sds_exp.spec import SparsitySpec
@@ -42,6 +42,7 @@ class SDSConfig:
         adjust: "true" | "false" | "auto" weight adjustment after the re-prune.
         adjustment: optimisation settings of the adjustment.
         adjust_group: comparison group of the top-|W| projection for unstructured sparsity.
+        adjust_score: score of that projection: "magnitude" (|W|, the paper) or "wanda" (|W| * ||x_j||).
     """
 
     redense: bool = True
@@ -50,6 +51,7 @@ class SDSConfig:
     adjust: str = "auto"
     adjustment: ReconstructSettings = field(default_factory=ReconstructSettings)
     adjust_group: str = "row"
+    adjust_score: str = "magnitude"
 
     def __post_init__(self) -> None:
         self.adjust = str(self.adjust).lower()
@@ -59,6 +61,8 @@ class SDSConfig:
             raise ValueError(f"sds.inputs={self.inputs!r}; allowed: sparse, dense")
         if self.adjust_group not in ("row", "matrix"):
             raise ValueError(f"sds.adjust_group={self.adjust_group!r}; allowed: row, matrix")
+        if self.adjust_score not in ADJUST_SCORES:
+            raise ValueError(f"sds.adjust_score={self.adjust_score!r}; allowed: {', '.join(ADJUST_SCORES)}")
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -148,7 +152,7 @@ def run_sds(
         return SDSResult(masks=resumed.masks, first_masks=first, seconds=seconds, reports=reports)
     t = clock()  # step 3: re-prune with fresh statistics, then adjust under a moving mask
     second = reprune_model(model, calib, dense, pruner, spec, config.adjust, config.adjustment,
-                           adjust_group=config.adjust_group, **common)
+                           adjust_group=config.adjust_group, adjust_score=config.adjust_score, **common)
     seconds["reprune"] = clock() - t
     reports["reprune"] = second.report
     if config.adjust == "false":

@@ -27,7 +27,8 @@ from sds_exp.pruners.masks import select_mask
 from sds_exp.sds.gram import LayerProblem
 from sds_exp.spec import SparsitySpec
 
-__all__ = ["ReconstructSettings", "ReconstructionDivergedError", "reconstruct", "magnitude_projector"]
+__all__ = ["ReconstructSettings", "ReconstructionDivergedError", "reconstruct", "magnitude_projector",
+           "ADJUST_SCORES"]
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,20 @@ class ReconstructSettings:
         return getattr(self.optimizer, "keywords", {}).get("lr")
 
 
-def magnitude_projector(spec: SparsitySpec, group: str = "row") -> Callable[[Tensor], Tensor]:
-    """Top-|W| keep-mask under ``spec`` (per row, or per N:M group), re-selected after every step."""
-    return lambda W: select_mask(W.abs(), spec, group)
+ADJUST_SCORES = ("magnitude", "wanda")
+
+
+def magnitude_projector(spec: SparsitySpec, group: str = "row",
+                        column_scale: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """Top-score keep-mask under ``spec`` (per row, or per N:M group), re-selected after every step.
+
+    The score is |W| (the paper's projection), or ``|W| * column_scale`` with ``column_scale = sqrt(diag A)``
+    (proportional to ||x_j||: Wanda's score, the first-order cost of zeroing an entry under the layer loss).
+    """
+    if column_scale is None:
+        return lambda W: select_mask(W.abs(), spec, group)
+    scale = column_scale.reshape(1, -1)
+    return lambda W: select_mask(W.abs() * scale, spec, group)
 
 
 def _damped_inverse(A: Tensor, damp: float, name: str) -> tuple[Tensor, float]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from sds_exp.models.blocks import capture_block_inputs, decoder_blocks, find_linears, run_block
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.gram import GramStats
-from sds_exp.sds.reconstruct import ReconstructSettings, magnitude_projector, reconstruct
+from sds_exp.sds.reconstruct import ADJUST_SCORES, ReconstructSettings, magnitude_projector, reconstruct
 from sds_exp.sds.sequential import LayerGrams, collect_stats, dense_copy, layer_groups, paired_pass, walk_blocks
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
@@ -164,7 +164,8 @@ class RepruneOutcome:
 def reprune_model(
     model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], pruner: Pruner, spec: SparsitySpec,
     adjust: str = "auto", settings: ReconstructSettings | None = None, *, adjust_group: str = "row",
-    device="cpu", batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (), timer: PhaseTimer | None = None,
+    adjust_score: str = "magnitude", device="cpu", batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
+    timer: PhaseTimer | None = None,
 ) -> RepruneOutcome:
     """SDS step 3 in place: prune the re-activated model again and adjust its weights.
 
@@ -173,12 +174,16 @@ def reprune_model(
             keep the adjusted weights only if they lower the calibration reconstruction loss).
         settings: optimisation settings of the adjustment.
         adjust_group: comparison group of the top-|W| projection for unstructured sparsity ("row" or "matrix").
+        adjust_score: score of that projection: "magnitude" (|W|, the paper) or "wanda" (|W| * ||x_j||, with the
+            student's input norms of the layer's own Gram statistics).
     """
     adjust = str(adjust).lower()
     if adjust not in ADJUST_MODES:
         raise ValueError(f"adjust={adjust!r}; allowed: true, false, auto")
     if adjust != "false" and settings is None:
         raise ValueError("adjust needs ReconstructSettings")
+    if adjust_score not in ADJUST_SCORES:
+        raise ValueError(f"adjust_score={adjust_score!r}; allowed: {', '.join(ADJUST_SCORES)}")
     timer = timer or PhaseTimer()
     validate_layers(prunable_layers(model, ignore), spec)
     with timer("reprune/capture"):
@@ -186,7 +191,6 @@ def reprune_model(
     xd = xr.clone()
     xd_out = torch.empty_like(xd.hidden)
     xr_out = torch.empty_like(xr.hidden)
-    project = magnitude_projector(spec, adjust_group)
     outcome = RepruneOutcome(masks={})
     make = (lambda lin: pruner.collector(lin.in_features, device)) if pruner.needs_calibration else None
     for _, block, prefix in walk_blocks(model, device, "reprune"):
@@ -211,6 +215,8 @@ def reprune_model(
                 info = {"loss_plain": problem.loss(plain.weight.to(problem.A.device))}
                 weight, mask = plain.weight, plain.mask
                 if adjust != "false":
+                    scale = problem.A.diagonal().clamp_min(0).sqrt() if adjust_score == "wanda" else None
+                    project = magnitude_projector(spec, adjust_group, scale)
                     with timer("adjust/optimise"):
                         W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
                     info["loss_adjusted"] = adj["loss_after"]

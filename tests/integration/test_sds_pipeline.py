@@ -122,6 +122,19 @@ def test_full_sds_meets_spec_and_reports(tiny_llama, spec):
     assert all("loss_adjusted" in r for r in result.reports["reprune"].values())
 
 
+def test_adjust_with_wanda_score_projection(tiny_llama):
+    """adjust_score=wanda: the final masks still meet the pattern; bad values are refused by name."""
+    config = SDSConfig(reactivate=ReconstructSettings(steps=5), adjust="true", adjust_score="wanda",
+                       adjustment=ReconstructSettings(steps=10, damp=0.1))
+    result = run_sds(tiny_llama.model, _calib(tiny_llama.tokenizer), Wanda(), NM, config, None, batch_size=4)
+    for name, layer in prunable_layers(tiny_llama.model).items():
+        assert check_nm(result.masks[name], 2, 4), name
+        assert ((layer.weight != 0) <= result.masks[name]).all()
+    assert all(r["loss_adjusted"] < r["loss_plain"] for r in result.reports["reprune"].values())
+    with pytest.raises(ValueError, match="adjust_score='norm'.*magnitude, wanda"):
+        SDSConfig(adjust_score="norm")
+
+
 @pytest.mark.parametrize("family, dtype", [("tiny_llama", torch.float32), ("tiny_opt", torch.float32),
                                            ("tiny_llama", torch.bfloat16)])
 def test_paired_pass_per_group_equals_token_level_problem(family, dtype, request):

@@ -6,7 +6,7 @@ import torch
 from sds_exp.regularizers.norms import L1, L2, RegularizerSum
 from sds_exp.sds.gram import GramStats
 from sds_exp.sds.reconstruct import ReconstructionDivergedError, ReconstructSettings, magnitude_projector, reconstruct
-from sds_exp.pruners.masks import check_nm
+from sds_exp.pruners.masks import check_nm, select_mask
 from sds_exp.spec import SparsitySpec
 
 
@@ -92,6 +92,20 @@ def test_projected_adjustment_keeps_pattern_every_step():
     assert check_nm(Wa != 0, 2, 4) or check_nm(mask, 2, 4)
     assert ((Wa != 0) <= mask).all()
     assert info["loss_after"] < info["loss_before"]
+
+
+def test_wanda_score_projection_weighs_columns_by_input_norm():
+    """adjust_score=wanda ranks |W| * sqrt(diag A) (= |W| * ||x_j|| / sqrt(T)); a large weight on a
+    nearly silent input column loses to a smaller one on an active column, unlike the |W| projection."""
+    spec = SparsitySpec.parse(0.5, "2:4")
+    W = torch.tensor([[4.0, 1.0, 2.0, 3.0]])
+    scale = torch.tensor([0.01, 1.0, 1.0, 1.0])  # column 0 almost never active on the calibration data
+    assert magnitude_projector(spec)(W).tolist() == [[True, False, False, True]]
+    assert magnitude_projector(spec, column_scale=scale)(W).tolist() == [[False, False, True, True]]
+    Wr = torch.randn(6, 16)
+    s = torch.rand(16) + 0.1
+    torch.testing.assert_close(magnitude_projector(SparsitySpec(0.5), "row", s)(Wr),
+                               select_mask(Wr.abs() * s, SparsitySpec(0.5), "row"))
 
 
 def test_learning_rate_range_and_divergence_message():
