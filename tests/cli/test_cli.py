@@ -90,7 +90,7 @@ def test_select_hparams_script(tmp_path, data_dir):
     # lambda acts after the first prune only; the adjustment settings after the re-activation only
     assert len({json.dumps(r["errors"]["prune"]) for r in rows}) == 1
     assert rows[0]["errors"]["reactivate"] == rows[3]["errors"]["reactivate"] != rows[4]["errors"]["reactivate"]
-    assert rows[0]["errors"]["reprune"] == rows[3]["errors"]["reprune"]
+    # (the re-prune stage may differ between variants: block k is re-pruned on blocks < k as adjusted)
     assert rows[0]["errors"]["adjust"] != rows[2]["errors"]["adjust"]  # damping changes the adjustment
     assert "Lowest final validation perplexity: lambda =" in (out / "select_hparams.md").read_text()
     with pytest.raises(subprocess.CalledProcessError):
