@@ -5,6 +5,7 @@ import torch
 
 from sds_exp.regularizers.norms import L1, L2, RegularizerSum
 from sds_exp.sds.gram import GramStats
+from sds_exp.sds.sequential import output_energy
 from sds_exp.sds.reconstruct import ReconstructionDivergedError, ReconstructSettings, magnitude_projector, reconstruct
 from sds_exp.pruners.masks import check_nm, select_mask
 from sds_exp.spec import SparsitySpec
@@ -42,6 +43,15 @@ def test_gram_loss_and_grad_equal_token_level(cross):
     ref.backward()
     assert problem.loss(W) == pytest.approx(float(ref), rel=1e-9)
     torch.testing.assert_close(problem.grad(W), Wg.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_output_energy_is_exact_on_large_batches():
+    """c0 comes from the teacher's outputs of a whole batch (16k tokens x 1536 features in a real job): the
+    fp32 vector norm lost ~1e-3 of it on CPU, enough to make every reported layer loss negative."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(8_000_000, generator=g) * (1 + 50 * (torch.rand(8_000_000, generator=g) < 1e-3))
+    exact = float(y.double().square().sum())
+    assert output_energy(y.reshape(-1, 1000)) == pytest.approx(exact, rel=1e-9)
 
 
 def test_optimizer_steps_in_gram_and_token_form_agree():
