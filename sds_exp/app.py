@@ -155,9 +155,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         names = list(prunable_layers(model, ignore))
         hist_layer = _hist_layer(names, cfg.get("hist_layer"))
         step = {"i": 0}
+        timer = PhaseTimer()
 
         def record(metrics: dict, stage: str) -> None:
             state["metrics"].update(metrics)
+            # phase times so far, on disk after every stage (a killed job keeps them)
+            state["metrics"].update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
             state["stages_done"].append(stage)
             save()
             tracker.log(metrics, step=step["i"])
@@ -183,7 +186,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
             cache_file=Path(cfg.paths.cache_dir) / "dense_ppl.json",
             cache_key=f"{loaded.name}|{cfg.dtype}|{len(tokenizer)}",
         )
-        timer = PhaseTimer()
         store = StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir)
         result = run_sds(model, calib, pruner, spec, sds_config, regularizer or None, device=cfg.device,
                          batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator, store=store,

@@ -3,7 +3,8 @@
 Stage checkpoints (``<run dir>/checkpoint/``): after a stage is computed AND evaluated, the weights of the
 prunable layers (in the model dtype) and the masks are written, each file atomically (temporary file +
 rename), and ``state.json`` last: it is the commit marker, so a job killed mid-write leaves the previous
-state intact. Everything else (embeddings, norms, head) is never modified and comes from the model loader;
+state intact. ``state.json`` also carries what the finished stages measured (stage and phase seconds,
+per-layer loss reports), so a resumed job reports them as if it had run straight through. Everything else (embeddings, norms, head) is never modified and comes from the model loader;
 the dense teacher weights are re-read from the freshly loaded model.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +42,9 @@ class Restored:
     weights: dict[str, Tensor]
     first_masks: dict[str, Tensor]
     masks: dict[str, Tensor]
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds of the finished stages
+    phases: dict[str, float] = field(default_factory=dict)   # phase -> seconds (PhaseTimer) up to this stage
+    reports: dict[str, dict] = field(default_factory=dict)   # stage -> layer -> loss numbers
 
     def apply(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -55,14 +59,16 @@ class StageStore:
         self.dir = Path(directory)
 
     def save(self, stage: str, layers: dict[str, nn.Linear], first_masks: dict[str, Tensor],
-             masks: dict[str, Tensor] | None = None) -> None:
+             masks: dict[str, Tensor] | None = None, *, seconds: dict[str, float] | None = None,
+             phases: dict[str, float] | None = None, reports: dict[str, dict] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_save({n: l.weight for n, l in layers.items()}, self.dir / f"weights_{stage}.safetensors")
         _atomic_save(first_masks, self.dir / "first_masks.safetensors")
         if masks is not None:
             _atomic_save(masks, self.dir / "masks.safetensors")
         previous = self.last_stage()
-        write_json(self.dir / "state.json", {"stage": stage})
+        write_json(self.dir / "state.json", {"stage": stage, "seconds": dict(seconds or {}),
+                                             "phases": dict(phases or {}), "reports": reports or {}})
         if previous and previous != stage:
             (self.dir / f"weights_{previous}.safetensors").unlink(missing_ok=True)
         log.info("checkpoint: stage %s saved in %s", stage, self.dir)
@@ -75,9 +81,11 @@ class StageStore:
         stage = self.last_stage()
         if stage is None:
             return None
+        state = read_json(self.dir / "state.json")
         masks_file = self.dir / "masks.safetensors"
         return Restored(
             stage=stage,
+            seconds=state.get("seconds", {}), phases=state.get("phases", {}), reports=state.get("reports", {}),
             weights=load_file(str(self.dir / f"weights_{stage}.safetensors")),
             first_masks=load_file(str(self.dir / "first_masks.safetensors")),
             masks=load_file(str(masks_file)) if masks_file.is_file() else {},

@@ -119,7 +119,11 @@ def run_sds(
     layers = prunable_layers(model, ignore)
     resumed = store.load() if store is not None else None
     done = STAGES.index(resumed.stage) if resumed is not None else -1
-    checkpoint = store.save if store is not None else (lambda *args, **kwargs: None)
+    reports: dict[str, dict] = {}
+
+    def checkpoint(stage: str, masks: dict[str, Tensor] | None = None) -> None:
+        if store is not None:
+            store.save(stage, layers, first, masks, seconds=seconds, phases=dict(timer.seconds), reports=reports)
 
     if done < 0:
         on_stage("dense", model)
@@ -128,24 +132,27 @@ def run_sds(
         log.info("resuming after stage %r from %s", resumed.stage, store.dir)
         resumed.apply(model)
         first = resumed.first_masks
+        seconds.update(resumed.seconds)
+        reports.update(resumed.reports)
+        for phase, value in resumed.phases.items():
+            timer.seconds[phase] += value
 
     if done < STAGES.index("prune"):  # step 1: one-shot prune
         t = clock()
         first = prune_model(model, calib, pruner, spec, **common)
         seconds["prune"] = clock() - t
         on_stage("prune", model)
-        checkpoint("prune", layers, first)
+        checkpoint("prune")
     if not config.redense:
-        return SDSResult(masks=first, first_masks=first, seconds=seconds)
+        return SDSResult(masks=first, first_masks=first, seconds=seconds, reports=reports)
 
-    reports: dict[str, dict] = {}
     if done < STAGES.index("reactivate"):  # step 2: dense re-activation with sparse regularisation
         t = clock()
         reports["reactivate"] = reactivate_model(model, calib, dense, config.reactivate, regularizer,
                                                  inputs=config.inputs, **common)
         seconds["reactivate"] = clock() - t
         on_stage("reactivate", model)
-        checkpoint("reactivate", layers, first)
+        checkpoint("reactivate")
 
     last = config.stages[-1]
     if done >= STAGES.index(last):
@@ -161,5 +168,5 @@ def run_sds(
         with swapped_weights(model, {n: w for n, (w, _) in second.plain.items()}):
             on_stage("reprune", model)  # the plain re-prune, before adjustment
         on_stage("adjust", model)
-    checkpoint(last, layers, first, second.masks)
+    checkpoint(last, second.masks)
     return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports)

@@ -33,7 +33,9 @@ def test_killed_after_prune_resumes_without_repeating(compose, monkeypatch, tmp_
     run_dir = tmp_path / "run"
     state = json.loads((run_dir / "metrics.json").read_text())
     assert state["status"] == "failed" and "simulated kill" in state["error"]
-    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["stage"] == "prune"
+    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert saved["stage"] == "prune" and saved["seconds"]["prune"] > 0
+    assert state["metrics"]["time/phase/prune/stats_forward_s"] > 0  # phase times on disk after each stage
     prune_ppl = state["metrics"]["prune/wikitext2/ppl"]
 
     monkeypatch.undo()
@@ -44,8 +46,28 @@ def test_killed_after_prune_resumes_without_repeating(compose, monkeypatch, tmp_
     assert calls == []
     assert metrics["prune/wikitext2/ppl"] == prune_ppl
     assert "final/wikitext2/ppl" in metrics and metrics["final/sparsity/mask"] == pytest.approx(0.5)
+    assert metrics["time/prune_s"] == saved["seconds"]["prune"]  # the finished stage's time is not lost
+    assert metrics["time/phase/prune/stats_forward_s"] == pytest.approx(saved["phases"]["prune/stats_forward"])
     state = json.loads((run_dir / "metrics.json").read_text())
     assert state["status"] == "completed" and state["resumed_from"] == str(run_dir)
+
+
+def test_resume_keeps_the_layer_reports_of_finished_stages(compose, monkeypatch, tmp_path):
+    def killed(*args, **kwargs):
+        raise Killed("simulated kill during re-prune")
+
+    monkeypatch.setattr(pipeline, "reprune_model", killed)
+    with pytest.raises(Killed):
+        app.run(compose(SMOKE))
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert saved["stage"] == "reactivate" and set(saved["reports"]) == {"reactivate"}
+    monkeypatch.undo()
+    metrics = app.run(compose(SMOKE))
+    layers = json.loads((run_dir / "layers.json").read_text())["reports"]
+    assert layers["reactivate"] == saved["reports"]["reactivate"] and set(layers) == {"reactivate", "reprune"}
+    assert metrics["reactivate/recon/loss_after_mean"] > 0
+    assert metrics["time/reactivate_s"] == saved["seconds"]["reactivate"] and metrics["time/reprune_s"] > 0
 
 
 def test_resume_with_different_config_is_refused(compose, tmp_path):
