@@ -88,10 +88,32 @@ def load_pretrained(
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs
     )
+    if gguf_file is not None:
+        _forget_dequantized_gguf(model)
     model.eval()
     model.config.use_cache = False
     name = f"{source}/{gguf_file}" if gguf_file else str(source)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def _forget_dequantized_gguf(model) -> None:
+    """Drop the GGUF quantizer that transformers leaves on a model it has fully dequantized.
+
+    The weights are plain tensors of ``dtype``, but with the quantizer attached ``save_pretrained`` refuses
+    ("quantized with gguf and is not serializable"), which made ``save_model=true`` fail at the very end of
+    a SmolLM2 job. Without it the model saves and reloads as an ordinary checkpoint.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+    if packed:  # a transformers GGUF kernel path kept the blocks packed: nothing to prune in them
+        raise RuntimeError(f"transformers kept GGUF weights quantized ({', '.join(packed)} parameters); "
+                           "sds_exp needs them dequantized (uninstall the `kernels` package)")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _gpt2_bpe_tokenizer(data_dir: str | Path):
