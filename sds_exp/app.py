@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sds_exp.checkpoint import StageStore, config_differences, save_checkpoint
 from sds_exp.evaluation.sparsity import sparsity_report
-from sds_exp.evaluation.stage_eval import PplSettings, StageEvaluator, plot_histograms
+from sds_exp.evaluation.stage_eval import HIST_FILE, PplSettings, StageEvaluator, load_histograms, plot_histograms
 from sds_exp.models.loading import resolve_dtype
 from sds_exp.regularizers.norms import RegularizerSum
 from sds_exp.sds.pipeline import SDSResult, mask_overlap, run_sds
@@ -85,8 +85,10 @@ def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseT
     sp = sparsity_report(layers, result.masks)
     m["final/sparsity/mask"] = sp["mask"]
     m["sparsity/target"] = spec.ratio
-    if result.first_masks is not result.masks:
-        m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
+    if result.reprune_masks is not None:  # how much of the first mask the re-prune chose again
+        m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.reprune_masks)
+    if result.first_masks is not result.masks:  # ... and what is left of it after adjust moved the mask
+        m["final/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
     for stage, rep in result.reports.items():
         for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept"):
             vals = [r[key] for r in rep.values() if key in r]
@@ -179,12 +181,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 state["lm_eval_versions"] = res.versions
                 return res.metrics, res.versions
 
+        # a resumed job keeps the histograms of the stages it will not run again
+        old_hist = (load_histograms(state_dir / "plots" / HIST_FILE, hist_layer)
+                    if hist_layer is not None and store.last_stage() is not None else {})
         evaluator = StageEvaluator(
             tokenizer=tokenizer, data_dir=cfg.paths.data_dir, device=cfg.device, ppl=ppl, zeroshot=zeroshot,
             zeroshot_stages=(zs_cfg.stages if zs_cfg is not None else []), final_stage=sds_config.stages[-1],
             layers=lambda m: prunable_layers(m, ignore), hist_layer=hist_layer, record=record,
             cache_file=Path(cfg.paths.cache_dir) / "dense_ppl.json",
             cache_key=f"{loaded.name}|{cfg.dtype}|{len(tokenizer)}",
+            histograms=old_hist, hist_file=out_dir / "plots" / HIST_FILE if hist_layer is not None else None,
         )
         store = StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir)
         result = run_sds(model, calib, pruner, spec, sds_config, regularizer or None, device=cfg.device,

@@ -18,9 +18,37 @@ from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
 from sds_exp.evaluation.sparsity import sparsity_report
 from sds_exp.tracking.results import read_json, write_json
 
-__all__ = ["PplSettings", "StageEvaluator", "plot_histograms"]
+__all__ = ["PplSettings", "StageEvaluator", "plot_histograms", "HIST_FILE", "save_histograms", "load_histograms"]
 
 log = logging.getLogger(__name__)
+
+HIST_FILE = "hist_weights.safetensors"  # in plots/: the histogram layer's weights after every stage so far
+
+
+def save_histograms(histograms: dict[str, Tensor], layer: str, path: Path) -> None:
+    """Write the per-stage weights of ``layer`` (bf16: enough for a histogram, half the bytes) atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in histograms.items()}, str(tmp),
+              metadata={"layer": layer, "stages": json.dumps(list(histograms))})
+    tmp.replace(path)
+
+
+def load_histograms(path: Path, layer: str) -> dict[str, Tensor]:
+    """The per-stage weights written by :func:`save_histograms`, in stage order; empty if the file is
+    missing or holds another layer."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("layer") != layer:
+            log.warning("%s holds histograms of %r, not %r: not restored", path, meta.get("layer"), layer)
+            return {}
+        return {k: f.get_tensor(k).float() for k in json.loads(meta["stages"])}
 
 
 @dataclass
@@ -43,18 +71,22 @@ class StageEvaluator:
         final_stage: the last stage of this job (evaluated on the full data).
         layers: ``fn(model) -> {name: nn.Linear}`` prunable layers, for measured sparsity.
         hist_layer: name of the layer whose weight histogram is kept per stage.
+        histograms: per-stage weights of ``hist_layer`` from before a resume (stages that will not run again).
+        hist_file: where the per-stage weights are rewritten after every stage (a resumed job reads them back).
         record: ``fn(metrics)`` called with every new batch of metrics (writes metrics.json, tracker).
         cache_file: dense perplexity cache (JSON), keyed by ``cache_key`` + dataset + windows.
     """
 
     def __init__(self, *, tokenizer, data_dir, device, ppl: PplSettings | None, zeroshot, zeroshot_stages,
                  final_stage: str, layers: Callable[[nn.Module], dict[str, nn.Linear]], hist_layer: str | None,
-                 record: Callable[[dict], None], cache_file: Path | None, cache_key: str, masks_of=None):
+                 record: Callable[[dict], None], cache_file: Path | None, cache_key: str,
+                 histograms: dict[str, Tensor] | None = None, hist_file: Path | None = None):
         self.tokenizer, self.data_dir, self.device = tokenizer, data_dir, device
         self.ppl, self.zeroshot, self.zeroshot_stages = ppl, zeroshot, list(zeroshot_stages or [])
         self.final_stage, self.layers, self.hist_layer = final_stage, layers, hist_layer
         self.record, self.cache_file, self.cache_key = record, cache_file, cache_key
-        self.histograms: dict[str, Tensor] = {}
+        self.histograms: dict[str, Tensor] = dict(histograms or {})
+        self.hist_file = hist_file
         self._ids: dict[str, Tensor] = {}
 
     def token_ids(self, dataset: str) -> Tensor:
@@ -82,6 +114,8 @@ class StageEvaluator:
         metrics[f"{stage}/sparsity/actual"] = sp["actual"]
         if self.hist_layer in layers:
             self.histograms[stage] = layers[self.hist_layer].weight.detach().float().cpu().flatten().clone()
+            if self.hist_file is not None:
+                save_histograms(self.histograms, self.hist_layer, self.hist_file)
         if self.ppl is not None:
             for dataset in self.ppl.datasets:
                 metrics.update(self._perplexity(stage, dataset, model))

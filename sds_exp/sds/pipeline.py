@@ -77,6 +77,7 @@ class SDSResult:
     first_masks: dict[str, Tensor]                # masks of the first prune
     seconds: dict[str, float] = field(default_factory=dict)   # per stage (reprune includes adjust)
     reports: dict[str, dict] = field(default_factory=dict)  # stage -> layer -> loss numbers
+    reprune_masks: dict[str, Tensor] | None = None  # the re-prune's masks before adjustment (None when resumed past it)
 
 
 def mask_overlap(first: dict[str, Tensor], second: dict[str, Tensor]) -> float:
@@ -169,4 +170,5 @@ def run_sds(
             on_stage("reprune", model)  # the plain re-prune, before adjustment
         on_stage("adjust", model)
     checkpoint(last, second.masks)
-    return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports)
+    return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports,
+                     reprune_masks=second.reprune_masks)

@@ -157,6 +157,7 @@ def _plain_gram(device):
 class RepruneOutcome:
     masks: dict[str, Tensor]                               # final keep-masks
     plain: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (weight, mask) before adjust, where adjusted
+    reprune_masks: dict[str, Tensor] = field(default_factory=dict)  # the re-prune's masks before adjust, every layer
     report: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -227,6 +228,7 @@ def reprune_model(
                         weight, mask = W, M
                 _write(layers[name], weight)
                 outcome.masks[name] = mask.cpu()
+                outcome.reprune_masks[name] = plain.mask.cpu()
                 outcome.report[name] = info
         del teacher, grams, stats
         with timer("reprune/forward"):

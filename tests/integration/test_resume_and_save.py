@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from sds_exp import app
 from sds_exp.checkpoint import load_saved
 from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
+from sds_exp.evaluation.stage_eval import HIST_FILE
 from sds_exp.sds import pipeline
 from sds_exp.sds.stages import prunable_layers
 
@@ -37,6 +38,9 @@ def test_killed_after_prune_resumes_without_repeating(compose, monkeypatch, tmp_
     assert saved["stage"] == "prune" and saved["seconds"]["prune"] > 0
     assert state["metrics"]["time/phase/prune/stats_forward_s"] > 0  # phase times on disk after each stage
     prune_ppl = state["metrics"]["prune/wikitext2/ppl"]
+    hist_file = run_dir / "plots" / HIST_FILE
+    before = load_file(hist_file)
+    assert set(before) == {"dense", "prune"}
 
     monkeypatch.undo()
     calls = []
@@ -50,6 +54,9 @@ def test_killed_after_prune_resumes_without_repeating(compose, monkeypatch, tmp_
     assert metrics["time/phase/prune/stats_forward_s"] == pytest.approx(saved["phases"]["prune/stats_forward"])
     state = json.loads((run_dir / "metrics.json").read_text())
     assert state["status"] == "completed" and state["resumed_from"] == str(run_dir)
+    after = load_file(hist_file)  # the histograms of the stages before the kill are kept
+    assert set(after) == {"dense", "prune", "reactivate", "reprune", "adjust"}
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_resume_keeps_the_layer_reports_of_finished_stages(compose, monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ from sds_exp.pruners.masks import check_nm
 from sds_exp.pruners.sparsegpt import SparseGPT
 from sds_exp.pruners.wanda import Wanda
 from sds_exp.regularizers.norms import L1, L2, RegularizerSum
-from sds_exp.sds.pipeline import SDSConfig, run_sds
+from sds_exp.sds.pipeline import SDSConfig, mask_overlap, run_sds
 from sds_exp.sds.reconstruct import ReconstructSettings
 from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, snapshot_weights
 from sds_exp.spec import SparsitySpec
@@ -120,6 +120,20 @@ def test_full_sds_meets_spec_and_reports(tiny_llama, spec):
         assert ((layer.weight != 0) <= mask).all()
     assert set(result.reports) == {"reactivate", "reprune"}
     assert all("loss_adjusted" in r for r in result.reports["reprune"].values())
+    assert set(result.reprune_masks) == set(result.masks)  # the re-prune's own masks, before adjust moved them
+    for mask in result.reprune_masks.values():
+        assert check_nm(mask, 2, 4) if spec.structured else mask.float().mean() == 0.5
+
+
+def test_no_redense_reprunes_the_first_mask(tiny_llama):
+    # reactivate.steps=0 (the "prune -> adjust" ablation): the re-prune sees the pruned weights, keeps the
+    # first mask exactly, and only the adjustment moves it
+    config = SDSConfig(reactivate=ReconstructSettings(steps=0), adjust="true",
+                       adjustment=ReconstructSettings(steps=20))
+    result = run_sds(tiny_llama.model, _calib(tiny_llama.tokenizer), Magnitude(), NM, config, batch_size=4)
+    assert mask_overlap(result.first_masks, result.reprune_masks) == 1.0
+    assert all(torch.equal(result.first_masks[n], m) for n, m in result.reprune_masks.items())
+    assert 0.5 <= mask_overlap(result.first_masks, result.masks) < 1.0
 
 
 def test_adjust_with_wanda_score_projection(tiny_llama):

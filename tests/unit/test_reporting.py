@@ -555,3 +555,19 @@ def test_paper_numbers_file():
         header
         == "model,model_name,pattern,method,condition,metric,value,unit,confidence,source,note"
     )
+
+
+def test_stage_histograms_roundtrip_in_stage_order_and_only_for_their_layer(tmp_path):
+    import torch
+
+    from sds_exp.evaluation.stage_eval import load_histograms, save_histograms
+
+    hist = {"dense": torch.randn(12), "prune": torch.randn(12) * torch.tensor([1.0, 0.0] * 6)}
+    path = tmp_path / "plots" / "h.safetensors"
+    save_histograms(hist, "model.layers.0.q", path)
+    back = load_histograms(path, "model.layers.0.q")
+    assert list(back) == ["dense", "prune"]
+    assert torch.equal(back["prune"] == 0, hist["prune"] == 0)  # zeros stay exact zeros
+    assert torch.allclose(back["dense"], hist["dense"], rtol=1e-2)  # bf16
+    assert load_histograms(path, "model.layers.1.q") == {}
+    assert load_histograms(tmp_path / "missing.safetensors", "model.layers.0.q") == {}
