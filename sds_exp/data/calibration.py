@@ -89,9 +89,9 @@ def from_ids(path: str | Path, tokenizer=None, data_dir=None, seed: int = 0, nsa
 
     ``nsamples``/``seqlen``, when given, must match the file (they are checked, not used to resample).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"calibration ids file {path} does not exist")
+        raise FileNotFoundError(f"calibration ids file {path} does not exist (data.path)")
     suffix = path.suffix.lower()
     if suffix == ".pt":
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -111,6 +111,9 @@ def from_ids(path: str | Path, tokenizer=None, data_dir=None, seed: int = 0, nsa
         raise ValueError(f"{path}: holds {ids.shape[0]} windows but data.nsamples={nsamples}")
     if seqlen is not None and ids.shape[1] != seqlen:
         raise ValueError(f"{path}: windows are {ids.shape[1]} tokens but data.seqlen={seqlen}")
+    if ids.numel() and int(ids.min()) < 0:
+        vocab = f"[0, {len(tokenizer)})" if tokenizer is not None else "[0, vocab)"
+        raise ValueError(f"data.path={str(path)!r}: smallest token id is {int(ids.min())}; ids must be in {vocab}")
     if tokenizer is not None and int(ids.max()) >= len(tokenizer):
         raise ValueError(f"{path}: token id {int(ids.max())} is outside the tokenizer's vocabulary ({len(tokenizer)})")
     log.info("calibration: %d x %d windows loaded from %s", ids.shape[0], ids.shape[1], path)

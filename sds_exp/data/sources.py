@@ -8,6 +8,8 @@ The mirror (``paths.data_dir``, from ``$SDS_DATA_DIR`` or ``../shared/data`` bes
 C4 split (documented, non-overlapping): documents [0, 1000) are the CALIBRATION pool and documents
 [1000, 2000) the EVALUATION set for C4 perplexity. The hub path uses the references' shards instead
 (c4-train.00000-of-01024 for calibration, the first 1,100 documents of c4-validation.00000-of-00008).
+Every mirror file is checked against the mirror's SHA256SUMS before it is parsed (once per file state, see
+:mod:`sds_exp.data.mirror`); a damaged file or a parse error raises :class:`MirrorError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import logging
 import os
 from pathlib import Path
 
+from sds_exp.data.mirror import MirrorError, default_cache_file, mirror_dir, verify_mirror_files
+
 __all__ = [
-    "DataUnavailableError", "mirror_dir", "wikitext2_rows", "c4_documents", "C4_CALIB_DOCS", "C4_EVAL_DOCS",
+    "DataUnavailableError", "MirrorError", "mirror_dir", "wikitext2_rows", "c4_documents", "C4_CALIB_DOCS",
+    "C4_EVAL_DOCS", "MIRROR_FILES", "dataset_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -27,17 +32,77 @@ C4_CALIB_DOCS = slice(0, 1000)
 C4_EVAL_DOCS = slice(1000, 2000)
 _WIKI = "wikitext-2-raw-v1"
 
+# dataset/split -> the mirror file it is read from (relative to paths.data_dir)
+MIRROR_FILES: dict[str, str] = {
+    "wikitext2/test": f"{_WIKI}/test.jsonl",
+    "wikitext2/train": f"{_WIKI}/train.first1MB_nonempty_rows.txt",
+    "wikitext2/validation": f"{_WIKI}/validation.first100KB_nonempty_rows.txt",
+    "c4/calibration": "c4/c4_validation_2k.parquet",
+    "c4/evaluation": "c4/c4_validation_2k.parquet",
+}
+_DATASET_KEYS = {
+    "wikitext2": "wikitext2/test", "wikitext2_train": "wikitext2/train",
+    "wikitext2_validation": "wikitext2/validation", "c4_calibration": "c4/calibration",
+    "c4_evaluation": "c4/evaluation", "c4": "c4/evaluation",
+}
+
 
 class DataUnavailableError(FileNotFoundError):
     """Neither the data mirror nor the hub can provide a dataset."""
 
 
-def mirror_dir(data_dir: str | Path | None) -> Path | None:
-    """The data mirror folder if it exists, else None."""
-    if data_dir in (None, "", "null"):
-        return None
-    path = Path(data_dir).expanduser()
-    return path if path.is_dir() else None
+def dataset_files(name: str) -> list[str]:
+    """Mirror files (relpaths) behind a dataset name: ``wikitext2`` (test), ``wikitext2_train``,
+    ``wikitext2_validation``, ``c4_calibration``, ``c4_evaluation`` (= ``c4``, the perplexity set)."""
+    if name not in _DATASET_KEYS:
+        raise ValueError(f"dataset={name!r} is not known; allowed: {', '.join(_DATASET_KEYS)}")
+    return [MIRROR_FILES[_DATASET_KEYS[name]]]
+
+
+def _verified(root: Path, key: str) -> Path:
+    """The mirror file of ``key`` (see MIRROR_FILES), checked against SHA256SUMS."""
+    rel = MIRROR_FILES[key]
+    verify_mirror_files(root, [rel], cache_file=default_cache_file())
+    return root / rel
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The ``text`` field of every line of a JSONL file; errors name the file and line."""
+    rows = []
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise MirrorError(f"{path} line {n}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            except json.JSONDecodeError as exc:
+                raise MirrorError(f"{path} line {n}: {exc.msg} (column {exc.colno}); the file is damaged or "
+                                  "truncated") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise MirrorError(f"{path} line {n}: expected an object with a string 'text' field, "
+                                  f"got {str(row)[:80]!r}")
+            rows.append(row["text"])
+    return rows
+
+
+def _text_rows(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MirrorError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); the file is damaged") from exc
+    return text.splitlines(keepends=True)
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise MirrorError(f"{path}: not a readable parquet file with a 'text' column ({type(exc).__name__}: "
+                          f"{exc}); the file is damaged or truncated") from exc
+    return table.column("text").to_pylist()
 
 
 def _hub_offline() -> bool:
@@ -66,16 +131,10 @@ def wikitext2_rows(split: str, data_dir: str | Path | None) -> list[str]:
     are its first 1 MB / 100 KB of non-empty rows (each keeping its trailing newline)."""
     root = mirror_dir(data_dir)
     if root is not None:
-        folder = root / _WIKI
-        if split == "test":
-            path = folder / "test.jsonl"
-            with path.open(encoding="utf-8") as fh:
-                return [json.loads(line)["text"] for line in fh]
-        names = {"train": "train.first1MB_nonempty_rows.txt", "validation": "validation.first100KB_nonempty_rows.txt"}
-        if split not in names:
+        if f"wikitext2/{split}" not in MIRROR_FILES:
             raise ValueError(f"wikitext2 split={split!r}; allowed: test, train, validation")
-        text = (folder / names[split]).read_text(encoding="utf-8")
-        return text.splitlines(keepends=True)
+        path = _verified(root, f"wikitext2/{split}")
+        return _jsonl_texts(path) if split == "test" else _text_rows(path)
 
     def load():
         from datasets import load_dataset
@@ -91,9 +150,7 @@ def c4_documents(part: str, data_dir: str | Path | None) -> list[str]:
         raise ValueError(f"c4 part={part!r}; allowed: calibration, evaluation")
     root = mirror_dir(data_dir)
     if root is not None:
-        import pyarrow.parquet as pq
-
-        texts = pq.read_table(root / "c4" / "c4_validation_2k.parquet", columns=["text"]).column("text").to_pylist()
+        texts = _parquet_texts(_verified(root, f"c4/{part}"))
         return texts[C4_CALIB_DOCS if part == "calibration" else C4_EVAL_DOCS]
 
     def load():

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedModel", "load_pretrained", "build_tiny", "locate_package_file", "DTYPES", "resolve_dtype"]
+__all__ = ["LoadedModel", "load_pretrained", "build_tiny", "locate_package_file", "DTYPES", "resolve_dtype",
+           "model_files_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +196,49 @@ def model_summary(model: nn.Module) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": json.loads(cfg.to_json_string()) if cfg is not None else None,
     }
+
+
+def _file_state(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _folder_listing(folder: Path) -> list[list]:
+    """Sorted [relative name, size, mtime_ns] of every file under ``folder`` (hidden ones, e.g. .git, left out)."""
+    rows = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            st = path.stat()
+            rows.append([rel.as_posix(), st.st_size, st.st_mtime_ns])
+    return sorted(rows)
+
+
+def model_files_identity(node) -> dict:
+    """What identifies a model node's files, for a cache key, WITHOUT loading the model.
+
+    ``load_pretrained``: the GGUF file in its package (name, size, mtime_ns), a local directory's files
+    (sorted name, size, mtime_ns), or a hub id + revision. ``build_tiny``: {} (the node defines the model).
+    ``load_saved``: the saved directory's files.
+
+    Raises:
+        ValueError: for a loader target it does not know.
+    """
+    target = str(node.get("_target_", ""))
+    if target.endswith("build_tiny"):
+        return {}
+    if target.endswith("load_saved"):
+        folder = Path(str(node.get("path"))).expanduser()
+        return {"kind": "saved", "files": _folder_listing(folder)}
+    if not target.endswith("load_pretrained"):
+        raise ValueError(f"model._target_={target!r}: no file identity known; allowed: load_pretrained, "
+                         "build_tiny, load_saved")
+    gguf_file, package = node.get("gguf_file"), node.get("gguf_package")
+    if package is not None:
+        path = locate_package_file(package, gguf_file)
+        return {"kind": "gguf_package", "package": package, "gguf_file": gguf_file, **_file_state(path)}
+    name = str(node.get("name_or_path"))
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return {"kind": "local", "gguf_file": gguf_file, "files": _folder_listing(folder)}
+    return {"kind": "hub", "name_or_path": name, "revision": node.get("revision"), "gguf_file": gguf_file}
