@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,4 +17,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from sds_exp.job import JobKilled
+
+    try:
+        main()
+    except JobKilled as killed:  # the record says "killed"; exit as a process killed by that signal would
+        sys.exit(128 + killed.signum)

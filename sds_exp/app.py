@@ -1,47 +1,188 @@
 """The job: the only place that reads the Hydra config. A straight line, each step logged.
 
-Outputs in the run directory: resolved_config.yaml, env.json, metrics.json (flat ``stage/benchmark/metric``
-names, rewritten after every stage and marked ``failed`` with the reason if the job dies), layers.json
-(per-layer sparsity and reconstruction losses), plots/, job.log, and a checkpoint when ``save_model``.
+Outputs in the run directory: resolved_config.yaml, env.json, metrics.json (the record,
+:class:`sds_exp.tracking.record.RunRecord`, rewritten after every stage), layers.json (per-layer sparsity
+and reconstruction losses), plots/, checkpoint/ (stage checkpoints for resume), job.log, failure.txt when
+the job failed or was killed, history/ and attempts/ when reruns replaced or were refused, and model/ when
+``save_model``. :class:`sds_exp.job.Job` owns the record; this module builds the parts from the config.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import gc
+import hashlib
+import json
 import logging
 import random
-import time
-import traceback
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sds_exp.checkpoint import StageStore, config_differences, save_checkpoint
+from sds_exp.checkpoint import save_checkpoint
 from sds_exp.evaluation.sparsity import sparsity_report
-from sds_exp.evaluation.stage_eval import HIST_FILE, PplSettings, StageEvaluator, load_histograms, plot_histograms
+from sds_exp.evaluation.stage_eval import (HIST_FILE, PplSettings, StageEvaluator, ZeroShotSettings,
+                                           load_histograms, plot_histograms)
+from sds_exp.job import Job
 from sds_exp.models.loading import resolve_dtype
 from sds_exp.regularizers.norms import RegularizerSum
-from sds_exp.sds.pipeline import SDSResult, mask_overlap, run_sds
-from sds_exp.sds.timing import PhaseTimer
+from sds_exp.sds.pipeline import SDSConfig, SDSResult, mask_overlap, run_sds
 from sds_exp.sds.stages import prunable_layers
+from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
-from sds_exp.tracking.results import atomic_write_text, environment, read_json, write_json
+from sds_exp.tracking.results import environment, write_json
+from sds_exp.validation import normalize_ignore, validate_config, validate_loaded
 
-__all__ = ["run"]
+__all__ = ["run", "build", "Parts"]
 
 log = logging.getLogger(__name__)
 
 
-def _choices() -> dict:
+@dataclass
+class Parts:
+    """Everything the config builds before the model loads (so a bad value costs no model load)."""
+
+    spec: SparsitySpec
+    pruner: Any
+    regularizer: RegularizerSum
+    sds: SDSConfig
+    ppl: PplSettings | None
+    zeroshot: ZeroShotSettings | None
+    ignore: list[str]
+    resolved: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+def build(cfg: DictConfig) -> Parts:
+    """Validate the config and build the components; raises naming the key, the value and what is allowed."""
+    validate_config(cfg)
+    spec = SparsitySpec.parse(cfg.sparsity, cfg.pattern)
+    resolve_dtype(cfg.dtype)
+    bench = cfg.benchmark
+    zs = OmegaConf.to_container(bench.zeroshot, resolve=True) if bench.get("zeroshot") else None
+    if zs is not None:
+        from sds_exp.evaluation.zeroshot import check_tasks
+
+        check_tasks(list(zs["tasks"]), cfg.paths.data_dir, num_fewshot=zs["num_fewshot"])
+    return Parts(
+        spec=spec, pruner=instantiate(cfg.pruner),
+        regularizer=RegularizerSum({k: instantiate(v) for k, v in (cfg.regularizer or {}).items()}),
+        sds=instantiate(cfg.sds),
+        ppl=PplSettings(**OmegaConf.to_container(bench.ppl, resolve=True)) if bench.get("ppl") else None,
+        zeroshot=ZeroShotSettings(**zs) if zs is not None else None,
+        ignore=normalize_ignore(cfg.ignore), resolved=OmegaConf.to_container(cfg, resolve=True),
+        provenance=_provenance(cfg),
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run one job; returns its flat metrics."""
+    out_dir = Path(cfg.paths.output_dir)
+    with Job(out_dir, **_hydra_job()) as job:
+        job.set_tracker(partial(_tracker, cfg))
+        parts = build(cfg)  # 1. validate and build everything but the model
+        store = job.begin(resolved=parts.resolved, provenance=parts.provenance, final_stage=parts.sds.stages[-1],
+                          resume=cfg.resume, environment=environment(cfg.paths.root_dir, cfg.device),
+                          config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        _seed(cfg)
+        with job.timer("load"):  # 2. model and calibration data
+            loaded = instantiate(cfg.model)
+            names = list(prunable_layers(loaded.model, parts.ignore))
+            validate_loaded(cfg, loaded.model, names)
+            calib = instantiate(cfg.data)(tokenizer=loaded.tokenizer, data_dir=cfg.paths.data_dir, seed=cfg.seed)
+        job.add_metrics({"time/load_s": job.timer.seconds.pop("load")})
+        log.info("model %s (%s), calibration %s, %s, pruner %s", loaded.name, cfg.dtype, tuple(calib.shape),
+                 parts.spec, parts.pruner)
+        hist_layer = _hist_layer(names, cfg.get("hist_layer"))
+        evaluator = _evaluator(cfg, parts, loaded, hist_layer, job, resumed=store.last_stage() is not None)
+        result = run_sds(loaded.model, calib, parts.pruner, parts.spec, parts.sds, parts.regularizer or None,
+                         device=cfg.device, batch_size=cfg.calib_batch_size, ignore=parts.ignore,
+                         on_stage=evaluator, store=store, timer=job.timer)  # 3. the pipeline
+        summary, layer_report = summarise(result, prunable_layers(loaded.model, parts.ignore), parts.spec, job.timer)
+        job.add_metrics(summary)  # 4. summary numbers and outputs
+        write_json(out_dir / "layers.json", layer_report)
+        if hist_layer is not None:
+            with job.optional("histogram plots and media"):
+                pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots")
+                job.tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()})
+                job.tracker.log_histograms({f"weights/{k}": w for k, w in evaluator.histograms.items()})
+        if cfg.save_model:
+            save_checkpoint(loaded.model, loaded.tokenizer, result.masks, OmegaConf.to_yaml(cfg, resolve=True),
+                            out_dir / "model")
+        metrics = job.complete()
+        log.info("done: %s", {k: round(v, 4) for k, v in metrics.items() if k.endswith("/ppl")})
+        return metrics
+
+
+def _hydra_job() -> dict[str, Any]:
     try:
         hc = HydraConfig.get()
-        return {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}, list(hc.overrides.task)
     except ValueError:  # called without Hydra (tests, notebooks)
-        return {}, []
+        return {}
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    return {"choices": choices, "overrides": list(hc.overrides.task)}
+
+
+def _seed(cfg: DictConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
+
+
+def _provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What the checkpoints depend on beyond the config: the calibration data and the model files."""
+    from sds_exp.data.mirror import configure_cache, mirror_provenance
+    from sds_exp.data.sources import dataset_files
+    from sds_exp.models.loading import model_files_identity
+
+    configure_cache(Path(cfg.paths.cache_dir) / "mirror_sha256.json")  # each mirror file is hashed once
+    target = str(cfg.data.get("_target_", ""))
+    if target.endswith("from_ids"):
+        path = Path(cfg.data.path)
+        data = {"source": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    else:
+        name = {"c4": "c4_calibration", "wikitext2": "wikitext2_train"}.get(target.rsplit(".", 1)[-1])
+        data = mirror_provenance(cfg.paths.data_dir, dataset_files(name)) if name else {"source": target}
+    return {"data_provenance": data,
+            "model_files": model_files_identity(OmegaConf.to_container(cfg.model, resolve=True))}
+
+
+def _tracker(cfg: DictConfig, previous: dict[str, Any]):
+    args = OmegaConf.to_container(cfg.logger, resolve=True)  # `config` clashes with instantiate's own
+    if previous.get("id"):
+        args["run_id"] = previous["id"]
+    out_dir = Path(cfg.paths.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return get_class(args.pop("_target_"))(**args, config=config, dir=str(out_dir), name=out_dir.name)
+
+
+def _dense_cache_key(cfg: DictConfig, parts: Parts, tokenizer) -> dict[str, Any]:
+    """Everything the dense perplexity depends on besides the evaluation data and protocol."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"model": parts.resolved["model"], "model_files": parts.provenance["model_files"],
+            "tokenizer": [type(tokenizer).__name__, len(tokenizer), hashlib.sha256(vocab.encode()).hexdigest()],
+            "dtype": cfg.dtype, "device": str(cfg.device)}
+
+
+def _evaluator(cfg: DictConfig, parts: Parts, loaded, hist_layer: str | None, job: Job, resumed: bool):
+    state_dir = Path(cfg.resume) if cfg.resume else Path(cfg.paths.output_dir)
+    # a resumed job keeps the histograms of the stages it will not run again
+    old = load_histograms(state_dir / "plots" / HIST_FILE, hist_layer) if hist_layer and resumed else {}
+    return StageEvaluator(
+        tokenizer=loaded.tokenizer, data_dir=cfg.paths.data_dir, device=cfg.device, ppl=parts.ppl,
+        zeroshot=parts.zeroshot, final_stage=parts.sds.stages[-1],
+        layers=lambda m: prunable_layers(m, parts.ignore), hist_layer=hist_layer, record=job.record_stage,
+        cache_file=Path(cfg.paths.cache_dir) / "dense_ppl.json",
+        cache_key=_dense_cache_key(cfg, parts, loaded.tokenizer), histograms=old,
+        hist_file=Path(cfg.paths.output_dir) / "plots" / HIST_FILE if hist_layer is not None else None,
+        optional=job.optional,
+    )
 
 
 def _hist_layer(names: list[str], pattern: str | None) -> str | None:
@@ -53,31 +194,6 @@ def _hist_layer(names: list[str], pattern: str | None) -> str | None:
     return matches[0]
 
 
-def _check_resumable(state_dir: Path, resolved: dict, state: dict) -> None:
-    """Refuse a resume whose config differs in anything that changes results; carry the old metrics over."""
-    import yaml
-
-    saved = yaml.safe_load((state_dir / "resolved_config.yaml").read_text(encoding="utf-8"))
-    diffs = config_differences(saved, resolved)
-    if diffs:
-        raise ValueError(f"cannot resume from {state_dir}: the config differs in\n  " + "\n  ".join(diffs))
-    old = read_json(state_dir / "metrics.json") if (state_dir / "metrics.json").is_file() else {}
-    state["metrics"].update(old.get("metrics", {}))
-    state["stages_done"] = list(old.get("stages_done", []))
-    state["resumed_from"] = str(state_dir)
-    log.info("resuming from %s (stages done: %s)", state_dir, ", ".join(state["stages_done"]) or "none")
-
-
-def _copy_store(store: StageStore, out_dir: Path) -> StageStore:
-    """Resuming from another directory: continue its checkpoint in this job's directory."""
-    import shutil
-
-    target = out_dir / "checkpoint"
-    if target.resolve() != store.dir.resolve():
-        shutil.copytree(store.dir, target, dirs_exist_ok=True)
-    return StageStore(target)
-
-
 def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseTimer) -> tuple[dict, dict]:
     """Job-level numbers (stage times, mask sparsity and overlap, mean layer losses) and the per-layer report."""
     m = {f"time/{k}_s": v for k, v in result.seconds.items()}
@@ -87,7 +203,7 @@ def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseT
     m["sparsity/target"] = spec.ratio
     if result.reprune_masks is not None:  # how much of the first mask the re-prune chose again
         m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.reprune_masks)
-    if result.first_masks is not result.masks:  # ... and what is left of it after adjust moved the mask
+    if result.first_masks is not result.masks:  # ... and what is left of it after adjust moved it
         m["final/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
     for stage, rep in result.reports.items():
         for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept"):
@@ -96,136 +212,3 @@ def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseT
                 m[f"{stage}/recon/{key}_mean"] = sum(vals) / len(vals)
     layer_report = {"sparsity": {k: v for k, v in sp.items() if k.startswith("layer/")}, "reports": result.reports}
     return m, layer_report
-
-
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run one job; returns its flat metrics."""
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    choices, overrides = _choices()
-    state = {"status": "running", "error": None, "choices": choices, "overrides": overrides, "metrics": {},
-             "stages_done": []}
-    t_job = time.perf_counter()
-
-    def save() -> None:
-        write_json(out_dir / "metrics.json", state)
-
-    tracker = None
-    exc_info = (None, None, None)
-    try:
-        # 1. validate what can be validated before any heavy work
-        spec = SparsitySpec.parse(cfg.sparsity, cfg.pattern)
-        dtype = resolve_dtype(cfg.dtype)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = bool(cfg.allow_tf32)
-        pruner = instantiate(cfg.pruner)
-        regularizer = RegularizerSum({k: instantiate(v) for k, v in (cfg.regularizer or {}).items()})
-        sds_config = instantiate(cfg.sds)
-        bench = cfg.benchmark
-        ppl = PplSettings(**OmegaConf.to_container(bench.ppl, resolve=True)) if bench.get("ppl") else None
-        zs_cfg = bench.get("zeroshot")
-        if zs_cfg is not None:
-            from sds_exp.evaluation.zeroshot import check_tasks
-
-            check_tasks(list(zs_cfg.tasks), cfg.paths.data_dir, num_fewshot=zs_cfg.num_fewshot)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        state_dir = Path(cfg.resume) if cfg.resume else out_dir
-        store = StageStore(state_dir / "checkpoint")
-        if store.last_stage() is not None:
-            _check_resumable(state_dir, resolved, state)
-        atomic_write_text(out_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        write_json(out_dir / "env.json", environment(cfg.paths.root_dir, cfg.device))
-        save()
-        logger_args = OmegaConf.to_container(cfg.logger, resolve=True)  # `config` clashes with instantiate's
-        tracker = get_class(logger_args.pop("_target_"))(
-            **logger_args, config=resolved, dir=str(out_dir), name=out_dir.name
-        )
-        tracker.__enter__()
-
-        # 2. model and calibration data
-        t = time.perf_counter()
-        loaded = instantiate(cfg.model)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        calib = instantiate(cfg.data)(tokenizer=tokenizer, data_dir=cfg.paths.data_dir, seed=cfg.seed)
-        state["metrics"]["time/load_s"] = time.perf_counter() - t
-        log.info("model %s (%s), calibration %s, %s, pruner %s", loaded.name, dtype, tuple(calib.shape), spec, pruner)
-
-        # 3. the pipeline, evaluated after every stage
-        ignore = list(cfg.ignore)
-        names = list(prunable_layers(model, ignore))
-        hist_layer = _hist_layer(names, cfg.get("hist_layer"))
-        step = {"i": 0}
-        timer = PhaseTimer()
-
-        def record(metrics: dict, stage: str) -> None:
-            state["metrics"].update(metrics)
-            # phase times so far, on disk after every stage (a killed job keeps them)
-            state["metrics"].update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
-            state["stages_done"].append(stage)
-            save()
-            tracker.log(metrics, step=step["i"])
-            step["i"] += 1
-
-        zeroshot = None
-        if zs_cfg is not None:
-            from sds_exp.evaluation.zeroshot import evaluate_zeroshot
-
-            def zeroshot(stage, m):
-                m.to(cfg.device)
-                res = evaluate_zeroshot(m, tokenizer, list(zs_cfg.tasks), data_dir=cfg.paths.data_dir,
-                                        limit=zs_cfg.limit, batch_size=zs_cfg.batch_size,
-                                        num_fewshot=zs_cfg.num_fewshot, seed=zs_cfg.seed,
-                                        bootstrap_iters=zs_cfg.bootstrap_iters, device=cfg.device)
-                state["lm_eval_versions"] = res.versions
-                return res.metrics, res.versions
-
-        # a resumed job keeps the histograms of the stages it will not run again
-        old_hist = (load_histograms(state_dir / "plots" / HIST_FILE, hist_layer)
-                    if hist_layer is not None and store.last_stage() is not None else {})
-        evaluator = StageEvaluator(
-            tokenizer=tokenizer, data_dir=cfg.paths.data_dir, device=cfg.device, ppl=ppl, zeroshot=zeroshot,
-            zeroshot_stages=(zs_cfg.stages if zs_cfg is not None else []), final_stage=sds_config.stages[-1],
-            layers=lambda m: prunable_layers(m, ignore), hist_layer=hist_layer, record=record,
-            cache_file=Path(cfg.paths.cache_dir) / "dense_ppl.json",
-            cache_key=f"{loaded.name}|{cfg.dtype}|{len(tokenizer)}",
-            histograms=old_hist, hist_file=out_dir / "plots" / HIST_FILE if hist_layer is not None else None,
-        )
-        store = StageStore(out_dir / "checkpoint") if state_dir == out_dir else _copy_store(store, out_dir)
-        result = run_sds(model, calib, pruner, spec, sds_config, regularizer or None, device=cfg.device,
-                         batch_size=cfg.calib_batch_size, ignore=ignore, on_stage=evaluator, store=store,
-                         timer=timer)
-
-        # 4. summary numbers
-        m = state["metrics"]
-        summary, layer_report = summarise(result, prunable_layers(model, ignore), spec, timer)
-        m.update(summary)
-        write_json(out_dir / "layers.json", layer_report)
-        if hist_layer is not None:
-            pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots")
-            tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()})
-            tracker.log_histograms({f"weights/{k}": w for k, w in evaluator.histograms.items()})
-        if cfg.save_model:
-            save_checkpoint(model, tokenizer, result.masks, OmegaConf.to_yaml(cfg, resolve=True), out_dir / "model")
-        m["time/job_s"] = time.perf_counter() - t_job
-        state["status"] = "completed"
-        save()
-        tracker.summary(m)
-        log.info("done: %s", {k: round(v, 4) for k, v in m.items() if k.endswith("/ppl")})
-        return m
-    except BaseException as exc:
-        exc_info = (type(exc), exc, exc.__traceback__)
-        state["status"] = "failed"
-        state["error"] = f"{type(exc).__name__}: {exc}"
-        state["metrics"]["time/job_s"] = time.perf_counter() - t_job
-        save()
-        atomic_write_text(out_dir / "failure.txt", traceback.format_exc())
-        log.error("job failed: %s (partial results in %s)", state["error"], out_dir / "metrics.json")
-        raise
-    finally:
-        if tracker is not None:
-            tracker.__exit__(*exc_info)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -7,7 +7,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
 from sds_exp.evaluation.sparsity import sparsity_report
 from sds_exp.tracking.results import read_json, write_json
 
-__all__ = ["PplSettings", "StageEvaluator", "plot_histograms", "HIST_FILE", "save_histograms", "load_histograms"]
+__all__ = ["PplSettings", "ZeroShotSettings", "StageEvaluator", "plot_histograms", "HIST_FILE", "save_histograms",
+           "load_histograms"]
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +62,58 @@ class PplSettings:
     stage_max_windows: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class ZeroShotSettings:
+    """``benchmark.zeroshot``: lm-eval tasks and the stages to run them at ("final" = the job's last)."""
+
+    tasks: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=lambda: ["dense", "final"])
+    limit: int | float | None = None
+    batch_size: int = 8
+    num_fewshot: int = 0
+    seed: int = 0
+    bootstrap_iters: int = 0
+
+
+@contextmanager
+def _quietly(what: str) -> Iterator[None]:
+    """Default guard of optional outputs: log and continue."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("%s failed: %s: %s (the job continues)", what, type(exc).__name__, exc)
+
+
 class StageEvaluator:
     """The ``on_stage`` callback of :func:`sds_exp.sds.pipeline.run_sds`.
 
     Args:
         tokenizer, data_dir, device: for the evaluation data and forward passes.
         ppl: perplexity settings (None: no perplexity).
-        zeroshot: ``fn(stage, model) -> (metrics, versions)`` or None.
-        zeroshot_stages: stages at which zero-shot runs ("final" = ``final_stage``).
+        zeroshot: lm-eval settings (None: no zero-shot evaluation).
         final_stage: the last stage of this job (evaluated on the full data).
         layers: ``fn(model) -> {name: nn.Linear}`` prunable layers, for measured sparsity.
         hist_layer: name of the layer whose weight histogram is kept per stage.
         histograms: per-stage weights of ``hist_layer`` from before a resume (stages that will not run again).
         hist_file: where the per-stage weights are rewritten after every stage (a resumed job reads them back).
-        record: ``fn(metrics)`` called with every new batch of metrics (writes metrics.json, tracker).
-        cache_file: dense perplexity cache (JSON), keyed by ``cache_key`` + dataset + windows.
+        record: ``fn(metrics, stage, **extra)`` called with every stage's metrics (the job's record, tracker).
+        cache_file: dense perplexity cache (JSON), keyed by ``cache_key`` + dataset + protocol.
+        cache_key: everything the dense perplexity depends on (model node and files, tokenizer, dtype...).
+        optional: ``fn(what) -> context manager`` guarding outputs the numbers do not depend on.
     """
 
-    def __init__(self, *, tokenizer, data_dir, device, ppl: PplSettings | None, zeroshot, zeroshot_stages,
+    def __init__(self, *, tokenizer, data_dir, device, ppl: PplSettings | None, zeroshot: ZeroShotSettings | None,
                  final_stage: str, layers: Callable[[nn.Module], dict[str, nn.Linear]], hist_layer: str | None,
-                 record: Callable[[dict], None], cache_file: Path | None, cache_key: str,
-                 histograms: dict[str, Tensor] | None = None, hist_file: Path | None = None):
+                 record: Callable[..., None], cache_file: Path | None, cache_key: dict,
+                 histograms: dict[str, Tensor] | None = None, hist_file: Path | None = None,
+                 optional: Callable[[str], object] = _quietly):
         self.tokenizer, self.data_dir, self.device = tokenizer, data_dir, device
-        self.ppl, self.zeroshot, self.zeroshot_stages = ppl, zeroshot, list(zeroshot_stages or [])
+        self.ppl, self.zeroshot = ppl, zeroshot
         self.final_stage, self.layers, self.hist_layer = final_stage, layers, hist_layer
         self.record, self.cache_file, self.cache_key = record, cache_file, cache_key
         self.histograms: dict[str, Tensor] = dict(histograms or {})
         self.hist_file = hist_file
+        self.optional = optional
         self._ids: dict[str, Tensor] = {}
 
     def token_ids(self, dataset: str) -> Tensor:
@@ -104,35 +131,51 @@ class StageEvaluator:
         return min(limits) if limits else None
 
     def _cache_id(self, dataset: str, windows: int | None) -> str:
-        raw = json.dumps([self.cache_key, dataset, self.ppl.seqlen, windows], sort_keys=True)
+        from sds_exp.data.sources import dataset_files
+        from sds_exp.data.mirror import mirror_provenance
+
+        data = mirror_provenance(self.data_dir, dataset_files("c4_evaluation" if dataset == "c4" else dataset))
+        raw = json.dumps([self.cache_key, dataset, data, self.ppl.seqlen, self.ppl.batch_size, windows],
+                         sort_keys=True, default=str)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def _wants_zeroshot(self, stage: str) -> bool:
+        stages = self.zeroshot.stages if self.zeroshot is not None else []
+        return stage in stages or ("final" in stages and stage == self.final_stage)
 
     def __call__(self, stage: str, model: nn.Module) -> None:
         metrics: dict[str, float] = {}
         layers = self.layers(model)
         sp = sparsity_report(layers)
         metrics[f"{stage}/sparsity/actual"] = sp["actual"]
+        extra = {}
         if self.hist_layer in layers:
             self.histograms[stage] = layers[self.hist_layer].weight.detach().float().cpu().flatten().clone()
             if self.hist_file is not None:
-                save_histograms(self.histograms, self.hist_layer, self.hist_file)
+                with self.optional(f"histogram weights {self.hist_file}"):
+                    save_histograms(self.histograms, self.hist_layer, self.hist_file)
         if self.ppl is not None:
             for dataset in self.ppl.datasets:
                 metrics.update(self._perplexity(stage, dataset, model))
-        if self.zeroshot is not None and (stage in self.zeroshot_stages or
-                                          ("final" in self.zeroshot_stages and stage == self.final_stage)):
-            zs, _ = self.zeroshot(stage, model)
-            metrics.update({f"{stage}/zeroshot/{k}": v for k, v in zs.items()})
+        if self._wants_zeroshot(stage):
+            from sds_exp.evaluation.zeroshot import evaluate_zeroshot
+
+            zs = self.zeroshot
+            res = evaluate_zeroshot(model, self.tokenizer, list(zs.tasks), data_dir=self.data_dir, limit=zs.limit,
+                                    batch_size=zs.batch_size, num_fewshot=zs.num_fewshot, seed=zs.seed,
+                                    bootstrap_iters=zs.bootstrap_iters, device=self.device)
+            metrics.update({f"{stage}/zeroshot/{k}": v for k, v in res.metrics.items()})
+            extra["lm_eval_versions"] = res.versions
         if stage == self.final_stage:
             metrics.update({"final/" + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(stage + "/")})
         model.to("cpu")
-        self.record(metrics, stage)
+        self.record(metrics, stage, **extra)
 
     def _perplexity(self, stage: str, dataset: str, model: nn.Module) -> dict[str, float]:
         windows = self._windows(stage)
         prefix = f"{stage}/{dataset}"
         key = self._cache_id(dataset, windows)
-        cache = read_json(self.cache_file) if stage == "dense" and self.cache_file and self.cache_file.is_file() else {}
+        cache = self._read_cache() if stage == "dense" else {}
         if stage == "dense" and key in cache:
             log.info("dense %s ppl from cache %s: %.4f", dataset, self.cache_file, cache[key][f"{prefix}/ppl"])
             return {**cache[key], f"{prefix}/cached": 1.0}
@@ -140,10 +183,21 @@ class StageEvaluator:
                             windows, desc=f"{stage} {dataset}")
         metrics = result.as_metrics(prefix)
         if stage == "dense" and self.cache_file is not None:
-            cache = read_json(self.cache_file) if self.cache_file.is_file() else {}
-            cache[key] = metrics
-            write_json(self.cache_file, cache)
+            with self.optional(f"dense perplexity cache {self.cache_file}"):
+                cache = self._read_cache()
+                cache[key] = metrics
+                write_json(self.cache_file, cache)
         return metrics
+
+    def _read_cache(self) -> dict:
+        if self.cache_file is None or not self.cache_file.is_file():
+            return {}
+        try:
+            cache = read_json(self.cache_file)
+            return cache if isinstance(cache, dict) else {}
+        except (OSError, ValueError) as exc:
+            log.warning("dense perplexity cache %s unreadable (%s): ignored", self.cache_file, exc)
+            return {}
 
 
 def plot_histograms(histograms: dict[str, Tensor], layer: str, out_dir: Path) -> dict[str, Path]:
@@ -159,7 +213,7 @@ def plot_histograms(histograms: dict[str, Tensor], layer: str, out_dir: Path) ->
     bins = torch.linspace(-lim, lim, 201).numpy()
     for stage, w in histograms.items():
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.hist(w.numpy(), bins=bins, color="C0")
+        ax.hist(w.numpy(), bins=bins, color="C0", histtype="stepfilled")  # one patch, not 200 bars
         ax.set_yscale("log")
         ax.set_title(f"{stage}: {layer}", fontsize=8)
         ax.set_xlabel("weight")
@@ -171,7 +225,7 @@ def plot_histograms(histograms: dict[str, Tensor], layer: str, out_dir: Path) ->
         fig, axes = plt.subplots(1, len(histograms), figsize=(3.2 * len(histograms), 3), sharey=True)
         axes = [axes] if len(histograms) == 1 else list(axes)
         for ax, (stage, w) in zip(axes, histograms.items()):
-            ax.hist(w.numpy(), bins=bins, color="C0")
+            ax.hist(w.numpy(), bins=bins, color="C0", histtype="stepfilled")  # one patch, not 200 bars
             ax.set_yscale("log")
             ax.set_title(stage)
         fig.suptitle(layer, fontsize=8)

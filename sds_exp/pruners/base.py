@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ class StatsCollector(Protocol):
 
 
 class Pruner(Protocol):
-    needs_calibration: bool
+    needs_calibration: ClassVar[bool]  # False: prune() gets stats=None and no calibration pass runs
 
     def collector(self, in_features: int, device: torch.device) -> StatsCollector | None: ...
 

@@ -6,6 +6,8 @@ order rather than ``|W| <= threshold``, so ties at the threshold never over-prun
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ class Magnitude:
     """
 
     group: str = "matrix"
-    needs_calibration: bool = False
+    needs_calibration: ClassVar[bool] = False  # a property of the method, not a setting
 
     def __post_init__(self) -> None:
         if self.group not in ("matrix", "row"):

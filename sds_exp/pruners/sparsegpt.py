@@ -14,6 +14,8 @@ an identity Hessian.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 from dataclasses import dataclass
 
@@ -103,7 +105,7 @@ class SparseGPT:
 
     blocksize: int = 128
     percdamp: float = 0.01
-    needs_calibration: bool = True
+    needs_calibration: ClassVar[bool] = True  # a property of the method, not a setting
 
     def __post_init__(self) -> None:
         if self.blocksize <= 0:

@@ -6,6 +6,8 @@ Matches ``prune_wanda`` in locuslab/wanda ``lib/prune.py`` with ``use_variant=Fa
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,7 @@ class Wanda:
     """
 
     group: str = "row"
-    needs_calibration: bool = True
+    needs_calibration: ClassVar[bool] = True  # a property of the method, not a setting
 
     def __post_init__(self) -> None:
         if self.group not in ("matrix", "row"):

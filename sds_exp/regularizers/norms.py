@@ -14,10 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["L1", "L2", "RegularizerSum"]
+__all__ = ["Regularizer", "L1", "L2", "RegularizerSum"]
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """A penalty term of the re-activation: its value and its proximal map (how the optimiser applies it)."""
+
+    def __call__(self, weight: Tensor) -> Tensor: ...
+
+    def prox(self, weight: Tensor, step: float) -> Tensor: ...
 
 
 def _check_lam(name: str, lam: float) -> float:
@@ -65,8 +75,13 @@ class L2:
 class RegularizerSum:
     """The sum of named terms; empty means no regularisation."""
 
-    def __init__(self, terms: Mapping[str, object] | None = None) -> None:
+    def __init__(self, terms: Mapping[str, Regularizer] | None = None) -> None:
         self.terms = dict(terms or {})
+        for name, term in self.terms.items():  # checked when the config is built, not after the prune stage
+            if not isinstance(term, Regularizer):
+                raise TypeError(f"regularizer.{name}: {type(term).__module__}.{type(term).__qualname__} is not a "
+                                "regularizer; allowed: an object with __call__(weight) and prox(weight, step) "
+                                "(sds_exp.regularizers.norms.Regularizer)")
 
     def __bool__(self) -> bool:
         return bool(self.terms)

@@ -27,6 +27,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sds_exp import provenance
+from sds_exp.tracking.record import STATUSES as RECORD_STATUSES
+from sds_exp.tracking.record import RecordError, RunRecord
+
 __all__ = [
     "JobRecord",
     "JobLabel",
@@ -41,16 +45,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("completed", "failed", "running", "missing")
+STATUSES = (*RECORD_STATUSES, "missing")
 # Overridden keys that are table coordinates (or bookkeeping), never a row variant.
 COORDINATE_KEYS = {"model", "pruner", "sds", "pattern", "sparsity", "seed", "experiment"}
-BOOKKEEPING_PREFIXES = ("hydra", "paths", "logger", "resume", "save_model", "tags",
+BOOKKEEPING_PREFIXES = (*provenance.BOOKKEEPING_KEYS,
                         # evaluation extras that leave the table's numbers as they are (a zero-shot suite
                         # added, intermediate stages on fewer windows); max_windows/seqlen still vary rows
                         "benchmark.zeroshot", "benchmark.ppl.stage_max_windows")
 BOOKKEEPING_KEYS = {"benchmark"}  # the suite choice itself (ppl / paper): same perplexity protocol
-# Keys that act after the first prune: they cannot change the `prune/` stage of an SDS job.
-POST_PRUNE_KEYS = ("regularizer", "sds.")
+
+
+def acts_after_prune(key: str) -> bool:
+    """Keys that act after the first prune cannot change the `prune/` stage of an SDS job."""
+    stage = provenance.first_stage_of(key)
+    return stage is not None and provenance.STAGE_ORDER.index(stage) > provenance.STAGE_ORDER.index("prune")
+
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -62,7 +71,8 @@ class JobRecord:
         directory: the job directory; None when it was never created.
         sweep: the sweep directory it was collected from.
         num: Hydra's job number (``hydra.job.num``); None for a single run.
-        status: completed | failed | running (started, never finished: still running or killed) |
+        status: completed | failed | killed (SIGTERM/SIGINT) | running (started, never finished: still
+            running, or killed by SIGKILL) |
             missing (no metrics.json, or no directory at all).
         error: the job's error message, or why it counts as missing.
         choices: config-group choices (``model``, ``pruner``, ``sds``, ``regularizer``, ...).
@@ -210,42 +220,28 @@ def read_job(directory: str | Path, sweep: Path | None = None) -> JobRecord:
             config,
         )
     try:
-        state = json.loads(metrics_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return JobRecord(
-            directory,
-            sweep,
-            num,
-            "failed",
-            f"unreadable metrics.json: {exc}",
-            choices,
-            overrides,
-            config,
-        )
-    status = state.get("status") if state.get("status") in STATUSES else "failed"
-    error = state.get("error")
+        record = RunRecord.read(metrics_file)
+    except RecordError as exc:
+        return JobRecord(directory, sweep, num, "failed", f"unreadable metrics.json: {exc}", choices, overrides,
+                         config)
+    status, error = record.status, record.error
     if status == "running":
         error = (
             error
-            or "metrics.json still says running: the job is running or was killed (timeout, OOM)"
+            or "metrics.json still says running: the job is running or was killed (SIGKILL, OOM, node failure)"
         )
-    metrics = {
-        k: float(v) for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))
-    }
+    metrics = record.metrics
     return JobRecord(
         directory,
         sweep,
         num,
         status,
         error,
-        choices={
-            **choices,
-            **{k: str(v) for k, v in (state.get("choices") or {}).items() if v is not None},
-        },
-        overrides=list(state.get("overrides") or overrides),
+        choices={**choices, **record.choices},
+        overrides=list(record.overrides or overrides),
         config=config,
         metrics=metrics,
-        stages_done=list(state.get("stages_done") or []),
+        stages_done=list(record.stages_done),
     )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds_exp.reporting.collect import POST_PRUNE_KEYS, JobLabel, JobRecord, describe_jobs
+from sds_exp.reporting.collect import JobLabel, acts_after_prune, JobRecord, describe_jobs
 from sds_exp.reporting.paper import PaperNumber, find_paper_number
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Worst first: the word a cell shows when none of its jobs gave a number.
-_STATUS_WORDS = {"failed": "FAILED", "running": "INCOMPLETE", "missing": "MISSING"}
+_STATUS_WORDS = {"failed": "FAILED", "killed": "KILLED", "running": "INCOMPLETE", "missing": "MISSING"}
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def build_table(
             (lab.pattern, lab.pruner, not lab.baseline, method(lab), lab.variant), []
         ).append((job, lab, False))
         if not lab.baseline and (lab.model, lab.pattern, lab.pruner) not in has_baseline:
-            variant = tuple((k, v) for k, v in lab.variant if not k.startswith(POST_PRUNE_KEYS))
+            variant = tuple((k, v) for k, v in lab.variant if not acts_after_prune(k))
             key = (
                 lab.pattern,
                 lab.pruner,
@@ -353,7 +353,7 @@ def _notes(table: Table) -> list[str]:
         notes.append("— = no number although the job(s) finished: not measured at that stage.")
     counts = {
         s: sum(j.status == s for j in table.jobs)
-        for s in ("completed", "failed", "running", "missing")
+        for s in ("completed", "failed", "killed", "running", "missing")
     }
     notes.append(
         f"Jobs: {len(table.jobs)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})."

@@ -77,7 +77,7 @@ class SDSResult:
     first_masks: dict[str, Tensor]                # masks of the first prune
     seconds: dict[str, float] = field(default_factory=dict)   # per stage (reprune includes adjust)
     reports: dict[str, dict] = field(default_factory=dict)  # stage -> layer -> loss numbers
-    reprune_masks: dict[str, Tensor] | None = None  # the re-prune's masks before adjustment (None when resumed past it)
+    reprune_masks: dict[str, Tensor] | None = None  # the re-prune's masks before adjustment (None: no re-prune)
 
 
 def mask_overlap(first: dict[str, Tensor], second: dict[str, Tensor]) -> float:
@@ -122,9 +122,11 @@ def run_sds(
     done = STAGES.index(resumed.stage) if resumed is not None else -1
     reports: dict[str, dict] = {}
 
-    def checkpoint(stage: str, masks: dict[str, Tensor] | None = None) -> None:
+    def checkpoint(stage: str, masks: dict[str, Tensor] | None = None,
+                   reprune_masks: dict[str, Tensor] | None = None) -> None:
         if store is not None:
-            store.save(stage, layers, first, masks, seconds=seconds, phases=dict(timer.seconds), reports=reports)
+            store.save(stage, layers, first, masks, reprune_masks=reprune_masks, seconds=seconds,
+                       phases=dict(timer.seconds), reports=reports)
 
     if done < 0:
         on_stage("dense", model)
@@ -157,7 +159,8 @@ def run_sds(
 
     last = config.stages[-1]
     if done >= STAGES.index(last):
-        return SDSResult(masks=resumed.masks, first_masks=first, seconds=seconds, reports=reports)
+        return SDSResult(masks=resumed.masks, first_masks=first, seconds=seconds, reports=reports,
+                         reprune_masks=resumed.reprune_masks or None)
     t = clock()  # step 3: re-prune with fresh statistics, then adjust under a moving mask
     second = reprune_model(model, calib, dense, pruner, spec, config.adjust, config.adjustment,
                            adjust_group=config.adjust_group, adjust_score=config.adjust_score, **common)
@@ -169,6 +172,6 @@ def run_sds(
         with swapped_weights(model, {n: w for n, (w, _) in second.plain.items()}):
             on_stage("reprune", model)  # the plain re-prune, before adjustment
         on_stage("adjust", model)
-    checkpoint(last, second.masks)
+    checkpoint(last, second.masks, second.reprune_masks)
     return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports,
                      reprune_masks=second.reprune_masks)

@@ -51,7 +51,9 @@ class ReconstructSettings:
         precondition: multiply the gradient by the inverse damped Hessian of the reconstruction term,
             making ``lr`` the fraction of a Newton step (then 0 < lr < 2 with SGD).
         damp: damping of that inverse, as a fraction of mean(diag(A)) (SparseGPT's percdamp).
-        explode_factor: stop when the loss exceeds this multiple of its starting value.
+        explode_factor: stop when the loss exceeds this multiple of its starting value ...
+        explode_floor: ... or of this absolute value, whichever is larger (an objective that starts at
+            ~0, e.g. -1.9e-9 from rounding, would otherwise "explode" at +1.9e-9).
         check_every: evaluate the objective for that check every this many steps (and after the last).
     """
 
@@ -60,6 +62,7 @@ class ReconstructSettings:
     precondition: bool = True
     damp: float = 0.01
     explode_factor: float = 100.0
+    explode_floor: float = 1e-6
     check_every: int = 10
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ def reconstruct(
         use_prox = regularizer is not None and hasattr(regularizer, "prox")
     W.requires_grad_(True)
     opt = settings.optimizer([W])
-    limit = settings.explode_factor * max(start, 1e-12)
+    limit = settings.explode_factor * max(start, settings.explode_floor)
     steps = int(settings.steps)
     for step in range(steps):
         with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sds_exp.faults import fault_point
 from sds_exp.models.blocks import BlockInputs, StopForward, decoder_blocks, find_linears
 from sds_exp.sds.gram import GramStats, LayerProblem
 
@@ -29,6 +30,7 @@ def walk_blocks(model: nn.Module, device: torch.device | str, desc: str) -> Iter
     for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
         home = next(block.parameters()).device
         block.to(device)
+        fault_point(f"block:{desc}:{i}")
         yield i, block, f"{path}.{i}"
         block.to(home)
 

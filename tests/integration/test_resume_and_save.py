@@ -14,8 +14,7 @@ from sds_exp.evaluation.stage_eval import HIST_FILE
 from sds_exp.sds import pipeline
 from sds_exp.sds.stages import prunable_layers
 
-SMOKE = ["model=tiny_llama", "benchmark=smoke", "data.nsamples=4", "data.seqlen=64", "sds.reactivate.steps=5",
-         "sds.adjustment.steps=5", "pattern=2:4"]
+SMOKE = ["debug=tiny", "pattern=2:4"]
 
 
 class Killed(BaseException):
@@ -34,7 +33,7 @@ def test_killed_after_prune_resumes_without_repeating(compose, monkeypatch, tmp_
     run_dir = tmp_path / "run"
     state = json.loads((run_dir / "metrics.json").read_text())
     assert state["status"] == "failed" and "simulated kill" in state["error"]
-    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())["committed"][-1]
     assert saved["stage"] == "prune" and saved["seconds"]["prune"] > 0
     assert state["metrics"]["time/phase/prune/stats_forward_s"] > 0  # phase times on disk after each stage
     prune_ppl = state["metrics"]["prune/wikitext2/ppl"]
@@ -67,7 +66,7 @@ def test_resume_keeps_the_layer_reports_of_finished_stages(compose, monkeypatch,
     with pytest.raises(Killed):
         app.run(compose(SMOKE))
     run_dir = tmp_path / "run"
-    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())["committed"][-1]
     assert saved["stage"] == "reactivate" and set(saved["reports"]) == {"reactivate"}
     monkeypatch.undo()
     metrics = app.run(compose(SMOKE))
@@ -80,7 +79,7 @@ def test_resume_keeps_the_layer_reports_of_finished_stages(compose, monkeypatch,
 def test_resume_with_different_config_is_refused(compose, tmp_path):
     app.run(compose(SMOKE + ["sds=prune_only"]))
     cfg = compose(SMOKE + ["sds=prune_only", "sparsity=0.5", "pruner=sparsegpt", "seed=3"])
-    with pytest.raises(ValueError, match=r"config differs in(.|\n)*pruner._target_(.|\n)*seed: 0 -> 3"):
+    with pytest.raises(ValueError, match=r"settings that act on it differ(.|\n)*pruner._target_(.|\n)*seed: 0 -> 3"):
         app.run(cfg)
 
 
@@ -88,10 +87,10 @@ def test_saved_model_reloads_identically(compose, tmp_path, data_dir):
     cfg = compose(SMOKE + ["save_model=true"])
     metrics = app.run(cfg)
     saved = tmp_path / "run" / "model"
-    masks = load_file(str(tmp_path / "run" / "checkpoint" / "masks.safetensors"))
+    masks = load_file(str(tmp_path / "run" / "checkpoint" / "adjust" / "masks.safetensors"))
     loaded = load_saved(saved)
     assert set(loaded.masks) == set(masks) and all(torch.equal(loaded.masks[n], masks[n]) for n in masks)
-    weights = load_file(str(tmp_path / "run" / "checkpoint" / "weights_adjust.safetensors"))
+    weights = load_file(str(tmp_path / "run" / "checkpoint" / "adjust" / "weights.safetensors"))
     for name, layer in prunable_layers(loaded.model).items():
         assert torch.equal(layer.weight, weights[name]), name
     ids = eval_token_ids("wikitext2", loaded.tokenizer, data_dir, 256)

@@ -198,3 +198,37 @@ def test_logger_config_instantiates(tmp_path: Path) -> None:
     assert tracker.config == {"seed": 0}
     with pytest.raises(TypeError, match="multiple values for argument 'config'"):
         instantiate(cfg.logger, config={"seed": 0})  # why the app uses get_class
+
+
+def test_resumed_job_continues_its_run(compose, tmp_path: Path) -> None:
+    """A job resumed in its run directory logs to the same W&B run id, steps going on from the record."""
+    from sds_exp import app
+    from sds_exp.sds import pipeline
+    from sds_exp.tracking.record import RunRecord
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed during re-activation")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "reactivate_model", boom)
+        with pytest.raises(RuntimeError):
+            app.run(compose(["debug=tiny", "logger=wandb", "sds=no_adjust"]))
+    first = RunRecord.read(tmp_path / "run" / "metrics.json").tracker
+    assert first["id"] and first["step"] == 2  # dense, prune
+    app.run(compose(["debug=tiny", "logger=wandb", "sds=no_adjust"]))
+    record = RunRecord.read(tmp_path / "run" / "metrics.json")
+    assert record.tracker == {"id": first["id"], "step": 4}
+    dirs = run_dirs(tmp_path / "run")
+    assert len(dirs) == 2 and {inspect_summary(d)["run_id"] for d in dirs} == {first["id"]}
+    steps = sorted(history(inspect_records(dirs[-1])))
+    assert steps[:2] == [2, 3]  # reactivate, reprune (then the histogram media)
+
+
+def test_refused_new_job_is_visible_as_a_failed_run(compose, tmp_path: Path) -> None:
+    from sds_exp import app
+
+    with pytest.raises(ValueError, match="calib_batch_size=0"):
+        app.run(compose(["debug=tiny", "logger=wandb", "calib_batch_size=0"]))
+    (run_dir,) = run_dirs(tmp_path / "run")
+    summary = inspect_summary(run_dir)
+    assert summary["exit_code"] == 1 and "calib_batch_size=0" in summary["summary"]["error"]
