@@ -89,9 +89,16 @@ def hydra_overrides(args) -> list[str]:
         o.append(f"paths.data_dir={args.data_dir}")
     if args.batch_size is not None:
         o.append(f"calib_batch_size={args.batch_size}")
-    o += [f"dtype={args.dtype}", f"pattern='{args.pattern}'", f"sparsity={args.sparsity}",
-          f"data.nsamples={args.nsamples}", f"data.seqlen={args.seqlen}", f"sds.adjust={args.adjust}",
-          f"sds.reactivate.steps={args.steps}", f"sds.adjustment.steps={args.steps}"]
+    o += [
+        f"dtype={args.dtype}",
+        f"pattern='{args.pattern}'",
+        f"sparsity={args.sparsity}",
+        f"data.nsamples={args.nsamples}",
+        f"data.seqlen={args.seqlen}",
+        f"sds.adjust={args.adjust}",
+        f"sds.reactivate.steps={args.steps}",
+        f"sds.adjustment.steps={args.steps}",
+    ]
     return o + list(args.overrides) + list(args.extra_overrides)
 
 
@@ -105,18 +112,26 @@ def regularizer(cfg, lam: float) -> RegularizerSum | None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python scripts/select_hparams.py", description=__doc__.splitlines()[0],
+        prog="python scripts/select_hparams.py",
+        description=__doc__.splitlines()[0],
         epilog="Flags without a default here take the config's value (conf/config.yaml and its groups, "
-               "conf/local/ where present).")
-    p.add_argument("--model", help="a conf/model option, i.e. model=X (default: the config's, smollm2_135m); "
-                                   f"options: {', '.join(options('model'))}")
+        "conf/local/ where present).",
+    )
+    p.add_argument(
+        "--model",
+        help="a conf/model option, i.e. model=X (default: the config's, smollm2_135m); "
+        f"options: {', '.join(options('model'))}",
+    )
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--lams", default="0.001", type=floats, help="regulariser strengths (L1 = L2)")
     p.add_argument("--adjust-damps", default="0.01", type=floats, help="preconditioner damping of the adjustment")
     p.add_argument("--adjust-scores", default="magnitude", type=scores, help="projection scores of the adjustment")
     p.add_argument("--adjust", default="auto", choices=["true", "auto"], help="sds.adjust=X")
-    p.add_argument("--pruner", help="a conf/pruner option, i.e. pruner=X (default: the config's, wanda); "
-                                    f"options: {', '.join(options('pruner'))}")
+    p.add_argument(
+        "--pruner",
+        help="a conf/pruner option, i.e. pruner=X (default: the config's, wanda); "
+        f"options: {', '.join(options('pruner'))}",
+    )
     p.add_argument("--pattern", default="2:4", help="pattern=X")
     p.add_argument("--sparsity", type=float, default=0.5, help="sparsity=X")
     p.add_argument("--nsamples", type=int, default=16, help="data.nsamples=N")
@@ -148,9 +163,21 @@ def main(argv=None) -> None:
     pruner = instantiate(cfg.pruner)
     sds = instantiate(cfg.sds)
     ignore = list(cfg.ignore)
-    settings = {**vars(args), "model": chosen["model"], "pruner": chosen["pruner"], "overrides": overrides,
-                "choices": chosen, "device": device, "dtype": cfg.dtype, "pattern": str(spec), "sparsity": cfg.sparsity,
-                "nsamples": cfg.data.nsamples, "seqlen": seqlen, "adjust": sds.adjust, "data_dir": cfg.paths.data_dir}
+    settings = {
+        **vars(args),
+        "model": chosen["model"],
+        "pruner": chosen["pruner"],
+        "overrides": overrides,
+        "choices": chosen,
+        "device": device,
+        "dtype": cfg.dtype,
+        "pattern": str(spec),
+        "sparsity": cfg.sparsity,
+        "nsamples": cfg.data.nsamples,
+        "seqlen": seqlen,
+        "adjust": sds.adjust,
+        "data_dir": cfg.paths.data_dir,
+    }
 
     lm = instantiate(cfg.model)
     full = lm.model.to(resolve_dtype(cfg.dtype))
@@ -160,8 +187,15 @@ def main(argv=None) -> None:
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[0]
     nwin = min(args.val_windows, ids.numel() // seqlen)
     val = ids[: nwin * seqlen].reshape(nwin, seqlen)
-    log.info("%s, pruner %s %s; validation: %d windows of %d tokens (WikiText2 validation slice); calibration %s",
-             lm.name, chosen["pruner"], spec, nwin, seqlen, tuple(calib.shape))
+    log.info(
+        "%s, pruner %s %s; validation: %d windows of %d tokens (WikiText2 validation slice); calibration %s",
+        lm.name,
+        chosen["pruner"],
+        spec,
+        nwin,
+        seqlen,
+        tuple(calib.shape),
+    )
     data = {"validation": val, "calibration": calib}
 
     def errors(model) -> dict[str, float]:
@@ -190,44 +224,76 @@ def main(argv=None) -> None:
             for score in args.adjust_scores:
                 variant = copy.deepcopy(model)
                 t = time.perf_counter()
-                outcome = reprune_model(variant, calib, dense, pruner, spec, sds.adjust,
-                                        dataclasses.replace(sds.adjustment, damp=damp), adjust_group=sds.adjust_group,
-                                        adjust_score=score, **common)
+                outcome = reprune_model(
+                    variant,
+                    calib,
+                    dense,
+                    pruner,
+                    spec,
+                    sds.adjust,
+                    dataclasses.replace(sds.adjustment, damp=damp),
+                    adjust_group=sds.adjust_group,
+                    adjust_score=score,
+                    **common,
+                )
                 seconds = time.perf_counter() - t
                 adjusted = errors(variant)
-                growth = max(float(variant.get_submodule(n).weight.float().abs().max() / w.float().abs().max())
-                             for n, w in dense.items())  # largest weight vs the dense layer's: blow-ups
+                growth = max(
+                    float(variant.get_submodule(n).weight.float().abs().max() / w.float().abs().max())
+                    for n, w in dense.items()
+                )  # largest weight vs the dense layer's: blow-ups
                 for name, (weight, _) in outcome.plain.items():  # back to the plain re-prune
                     variant.get_submodule(name).weight.data.copy_(weight.to(variant.get_submodule(name).weight.dtype))
                 kept = sum(r.get("adjust_kept", 0.0) for r in outcome.report.values())
-                row = {"lam": lam, "damp": damp, "score": score, "kept": f"{kept:.0f}/{len(outcome.report)}",
-                       "max_weight_growth": growth,
-                       "seconds": {"prune": prune_seconds, "reactivate": react_seconds, "reprune+adjust": seconds},
-                       "errors": {"prune": prune_errors, "reactivate": react_errors, "reprune": errors(variant),
-                                  "adjust": adjusted}}
+                row = {
+                    "lam": lam,
+                    "damp": damp,
+                    "score": score,
+                    "kept": f"{kept:.0f}/{len(outcome.report)}",
+                    "max_weight_growth": growth,
+                    "seconds": {"prune": prune_seconds, "reactivate": react_seconds, "reprune+adjust": seconds},
+                    "errors": {
+                        "prune": prune_errors,
+                        "reactivate": react_errors,
+                        "reprune": errors(variant),
+                        "adjust": adjusted,
+                    },
+                }
                 rows.append(row)
                 log.info("lam %g damp %g score %s: %s", lam, damp, score, json.dumps(row["errors"]))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "select_hparams.json").write_text(json.dumps({"settings": settings, "dense": dense_ppl, "rows": rows},
-                                                        indent=2))
+    (out / "select_hparams.json").write_text(
+        json.dumps({"settings": settings, "dense": dense_ppl, "rows": rows}, indent=2)
+    )
     stages = list(rows[0]["errors"])
-    lines = [f"# SDS hyperparameters: {chosen['model']}, first {args.blocks} blocks, {chosen['pruner']} {spec}, "
-             f"{chosen['data']} {cfg.data.nsamples} x {seqlen}, {sds.reactivate.steps} steps, adjust {sds.adjust}, "
-             f"{cfg.dtype}", "",
-             f"Perplexity of the whole model, first {args.blocks} blocks after each stage, the rest dense: WikiText2 "
-             f"validation (calibration windows). Dense: {dense_ppl['validation']:.4g} ({dense_ppl['calibration']:.4g}).",
-             "",
-             "| lambda | adjust damp | adjust score | adjusted layers kept | max |W| / dense max |W| | "
-             + " | ".join(stages) + " |", "|---|---|---|---|---:|" + "---:|" * len(stages)]
+    lines = [
+        f"# SDS hyperparameters: {chosen['model']}, first {args.blocks} blocks, {chosen['pruner']} {spec}, "
+        f"{chosen['data']} {cfg.data.nsamples} x {seqlen}, {sds.reactivate.steps} steps, adjust {sds.adjust}, "
+        f"{cfg.dtype}",
+        "",
+        f"Perplexity of the whole model, first {args.blocks} blocks after each stage, the rest dense: WikiText2 "
+        f"validation (calibration windows). Dense: {dense_ppl['validation']:.4g} ({dense_ppl['calibration']:.4g}).",
+        "",
+        "| lambda | adjust damp | adjust score | adjusted layers kept | max |W| / dense max |W| | "
+        + " | ".join(stages)
+        + " |",
+        "|---|---|---|---|---:|" + "---:|" * len(stages),
+    ]
     for r in rows:
         cells = [f"{r['errors'][s]['validation']:.4g} ({r['errors'][s]['calibration']:.4g})" for s in stages]
-        lines.append(f"| {r['lam']:g} | {r['damp']:g} | {r['score']} | {r['kept']} | {r['max_weight_growth']:.2f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r['lam']:g} | {r['damp']:g} | {r['score']} | {r['kept']} | {r['max_weight_growth']:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     best = min(rows, key=lambda r: r["errors"][stages[-1]]["validation"])
-    lines += ["", f"Lowest final validation perplexity: lambda = {best['lam']:g}, adjust damp = {best['damp']:g}, "
-                  f"adjust score = {best['score']}."]
+    lines += [
+        "",
+        f"Lowest final validation perplexity: lambda = {best['lam']:g}, adjust damp = {best['damp']:g}, "
+        f"adjust score = {best['score']}.",
+    ]
     (out / "select_hparams.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
 

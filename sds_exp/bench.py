@@ -86,11 +86,11 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
 
 def flops_per_token(model, seqlen: int) -> float:
     path, blocks = decoder_blocks(model)
-    linear = sum(2 * l.in_features * l.out_features for l in find_linears(blocks, path).values())
+    linear = sum(2 * lin.in_features * lin.out_features for lin in find_linears(blocks, path).values())
     head = model.get_output_embeddings()
     linear += 2 * head.in_features * head.out_features
     attn = find_linears(blocks[0], "")
-    d_attn = next(l.out_features for n, l in attn.items() if n.endswith("q_proj"))
+    d_attn = next(lin.out_features for n, lin in attn.items() if n.endswith("q_proj"))
     return linear + len(blocks) * 2 * seqlen * d_attn
 
 
@@ -138,7 +138,7 @@ def memory_bound_gib(model, nsamples: int, seqlen: int, act_bytes: int, with_mod
     hidden = model.config.hidden_size
     streams = 4 * nsamples * seqlen * hidden * act_bytes
     path, blocks = decoder_blocks(model)
-    widths = {l.in_features for l in find_linears(blocks[0], "").values()}
+    widths = {lin.in_features for lin in find_linears(blocks[0], "").values()}
     grams = sum(3 * 4 * w * w for w in widths) * 3  # q/k/v, o, gate/up, down: at most ~3 inputs per width
     return (params + streams + grams) / 2**30 + 1.0
 
@@ -177,15 +177,33 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
     sizes = args.sizes or sorted({int(cfg.data.nsamples), max(1, int(cfg.data.nsamples) // 2)}, reverse=True)
     sds_pruner = chosen["pruner"]
     pruners = list(dict.fromkeys([*args.pruners, sds_pruner]))
-    settings = {**vars(args), "sizes": sizes, "seqlen": seqlen, "pruners": pruners, "overrides": overrides,
-                "choices": chosen, "device": device, "dtype": cfg.dtype, "sparsity": cfg.sparsity,
-                "pattern": cfg.pattern, "data_dir": cfg.paths.data_dir,
-                "steps": {"reactivate": cfg.sds.reactivate.steps, "adjustment": cfg.sds.adjustment.steps},
-                "batch_size": cfg.calib_batch_size}
-    results: dict = {"settings": settings, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                                                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    settings = {
+        **vars(args),
+        "sizes": sizes,
+        "seqlen": seqlen,
+        "pruners": pruners,
+        "overrides": overrides,
+        "choices": chosen,
+        "device": device,
+        "dtype": cfg.dtype,
+        "sparsity": cfg.sparsity,
+        "pattern": cfg.pattern,
+        "data_dir": cfg.paths.data_dir,
+        "steps": {"reactivate": cfg.sds.reactivate.steps, "adjustment": cfg.sds.adjustment.steps},
+        "batch_size": cfg.calib_batch_size,
+    }
+    results: dict = {
+        "settings": settings,
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+    }
     spec = SparsitySpec.parse(cfg.sparsity, cfg.pattern)
-    pruner_nodes = {name: pruner_config(cfg, overrides, name, sds_pruner) for name in pruners}  # unknown options fail here, early
+    pruner_nodes = {
+        name: pruner_config(cfg, overrides, name, sds_pruner) for name in pruners
+    }  # unknown options fail here, early
     sds_config = instantiate(cfg.sds)
     regularizer = instantiate_regularizer(cfg)
     ignore = list(cfg.ignore)
@@ -203,10 +221,17 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
         model = copy.deepcopy(base).to(resolve_dtype(name))
         r = perplexity(model, ids, seqlen, device, max_windows=args.eval_windows, desc=f"bench ppl {name}")
         tps = r.ntokens / r.seconds
-        results["ppl"][name] = {"ppl": r.ppl, "windows": r.nwindows, "tokens_per_s": tps, "flops": fpt * tps,
-                                "fraction_of_peak": fpt * tps / results["peak_flops"][name]}
+        results["ppl"][name] = {
+            "ppl": r.ppl,
+            "windows": r.nwindows,
+            "tokens_per_s": tps,
+            "flops": fpt * tps,
+            "fraction_of_peak": fpt * tps / results["peak_flops"][name],
+        }
         del model
-    results["ppl"]["bf16_vs_fp32_rel_diff"] = abs(results["ppl"]["bfloat16"]["ppl"] / results["ppl"]["float32"]["ppl"] - 1)
+    results["ppl"]["bf16_vs_fp32_rel_diff"] = abs(
+        results["ppl"]["bfloat16"]["ppl"] / results["ppl"]["float32"]["ppl"] - 1
+    )
 
     results["sizes"] = {}
     for nsamples in sizes:
@@ -217,8 +242,16 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
             pruner = instantiate(pruner_nodes[pname])
             t = time.perf_counter()
             with PassMemory() as mem:
-                prune_model(model, calib, pruner, spec, device=device, batch_size=cfg.calib_batch_size, ignore=ignore,
-                            timer=timer)
+                prune_model(
+                    model,
+                    calib,
+                    pruner,
+                    spec,
+                    device=device,
+                    batch_size=cfg.calib_batch_size,
+                    ignore=ignore,
+                    timer=timer,
+                )
             size[pname] = {"total_s": time.perf_counter() - t, **{k: v for k, v in timer.seconds.items()}}
             size[pname + "_pass_memory_gib"] = mem.gib
             log.info("%d samples, %s: %s", nsamples, pname, {k: round(v, 2) for k, v in size[pname].items()})
@@ -227,22 +260,36 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
         sds_key = f"sds_{sds_pruner}"
         t = time.perf_counter()
         with PassMemory() as mem:
-            result = run_sds(model, calib, instantiate(pruner_nodes[sds_pruner]), spec, sds_config, regularizer,
-                             device=device, batch_size=cfg.calib_batch_size, ignore=ignore, timer=timer)
+            result = run_sds(
+                model,
+                calib,
+                instantiate(pruner_nodes[sds_pruner]),
+                spec,
+                sds_config,
+                regularizer,
+                device=device,
+                batch_size=cfg.calib_batch_size,
+                ignore=ignore,
+                timer=timer,
+            )
         size[sds_key + "_pass_memory_gib"] = mem.gib
         nlayers = max(1, len(result.masks))
-        size[sds_key] = {"total_s": time.perf_counter() - t, **dict(timer.seconds),
-                         "per_layer_reactivate_optimise_s": timer.seconds.get("reactivate/optimise", 0.0) / nlayers,
-                         "per_layer_adjust_optimise_s": timer.seconds.get("adjust/optimise", 0.0) / nlayers}
+        size[sds_key] = {
+            "total_s": time.perf_counter() - t,
+            **dict(timer.seconds),
+            "per_layer_reactivate_optimise_s": timer.seconds.get("reactivate/optimise", 0.0) / nlayers,
+            "per_layer_adjust_optimise_s": timer.seconds.get("adjust/optimise", 0.0) / nlayers,
+        }
         log.info("%d samples, %s: %s", nsamples, sds_key, {k: round(v, 2) for k, v in size[sds_key].items()})
         del model
         results["sizes"][str(nsamples)] = size
     big = results["sizes"][str(max(sizes))]
-    results["memory"] = {"peak_rss_gib": peak_rss_gib(),
-                         "bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize),
-                         "sds_pass_gib": big[f"sds_{sds_pruner}_pass_memory_gib"],
-                         "pass_bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize,
-                                                            with_model=False)}
+    results["memory"] = {
+        "peak_rss_gib": peak_rss_gib(),
+        "bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize),
+        "sds_pass_gib": big[f"sds_{sds_pruner}_pass_memory_gib"],
+        "pass_bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize, with_model=False),
+    }
     if torch.cuda.is_available():
         results["memory"]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["ratios"] = ratios(results)
@@ -262,8 +309,9 @@ def ratios(r: dict) -> dict:
     def forward(phases: dict) -> float:
         return phases.get("prune/stats_forward", 0.0) + phases.get("prune/forward", 0.0)
 
-    extra = sds["total_s"] - sum(sds.get(k, 0.0) for k in ("prune/capture", "prune/stats_forward", "prune/mask",
-                                                          "prune/forward"))
+    extra = sds["total_s"] - sum(
+        sds.get(k, 0.0) for k in ("prune/capture", "prune/stats_forward", "prune/mask", "prune/forward")
+    )
     out = {
         "ppl_fp32_fraction_of_peak": r["ppl"]["float32"]["fraction_of_peak"],
         "ppl_bf16_fraction_of_peak": r["ppl"]["bfloat16"]["fraction_of_peak"],
@@ -282,20 +330,31 @@ def ratios(r: dict) -> dict:
         a, b = r["sizes"][str(lo)][sds_key], r["sizes"][str(hi)][sds_key]
         out[f"forward_time_ratio_{hi}_vs_{lo}_samples"] = _div(forward(b), forward(a))
         if "reactivate/optimise" in a and "reactivate/optimise" in b:
-            out[f"reactivate_optimise_ratio_{hi}_vs_{lo}_samples"] = _div(b["reactivate/optimise"],
-                                                                          a["reactivate/optimise"])
+            out[f"reactivate_optimise_ratio_{hi}_vs_{lo}_samples"] = _div(
+                b["reactivate/optimise"], a["reactivate/optimise"]
+            )
     return {k: v for k, v in out.items() if v is not None}
 
 
 def markdown(r: dict) -> str:
-    lines = ["# sds_exp benchmark", "", f"settings: `{json.dumps(r['settings'])}`", "",
-             f"machine: {r['machine']}", "", "| measure | value |", "|---|---|"]
+    lines = [
+        "# sds_exp benchmark",
+        "",
+        f"settings: `{json.dumps(r['settings'])}`",
+        "",
+        f"machine: {r['machine']}",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
     for k, v in r["peak_flops"].items():
         lines.append(f"| matmul peak {k} | {v / 1e9:.0f} GFLOP/s |")
     for k in ("float32", "bfloat16"):
         p = r["ppl"][k]
-        lines.append(f"| ppl eval {k} | ppl {p['ppl']:.4f} on {p['windows']} windows, {p['tokens_per_s']:.0f} tok/s, "
-                     f"{p['flops'] / 1e9:.0f} GFLOP/s = {100 * p['fraction_of_peak']:.0f}% of peak |")
+        lines.append(
+            f"| ppl eval {k} | ppl {p['ppl']:.4f} on {p['windows']} windows, {p['tokens_per_s']:.0f} tok/s, "
+            f"{p['flops'] / 1e9:.0f} GFLOP/s = {100 * p['fraction_of_peak']:.0f}% of peak |"
+        )
     for n, size in r["sizes"].items():
         for name, phases in size.items():
             if not isinstance(phases, dict):
@@ -303,10 +362,14 @@ def markdown(r: dict) -> str:
             cells = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
             lines.append(f"| {n} samples: {name} (s) | {cells} |")
     m = r["memory"]
-    lines.append(f"| peak memory | {m['peak_rss_gib']:.2f} GiB RSS of the whole process (bound {m['bound_gib']:.2f} GiB) |")
+    lines.append(
+        f"| peak memory | {m['peak_rss_gib']:.2f} GiB RSS of the whole process (bound {m['bound_gib']:.2f} GiB) |"
+    )
     if m.get("sds_pass_gib") is not None:
-        lines.append(f"| SDS pass working set | {m['sds_pass_gib']:.2f} GiB above the resident model "
-                     f"(bound without the model {m['pass_bound_gib']:.2f} GiB) |")
+        lines.append(
+            f"| SDS pass working set | {m['sds_pass_gib']:.2f} GiB above the resident model "
+            f"(bound without the model {m['pass_bound_gib']:.2f} GiB) |"
+        )
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in r["ratios"].items()]
     return "\n".join(lines) + "\n"
 
@@ -347,20 +410,35 @@ def bench_overrides(args) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sds_exp.bench", description=__doc__.splitlines()[0],
-        epilog="Flags left out take the config's value (conf/config.yaml and its groups, conf/local/ where present).")
-    p.add_argument("--model", help="a conf/model option, i.e. model=X (default: the config's, smollm2_135m); "
-                                   f"options: {', '.join(options('model'))}")
+        prog="python -m sds_exp.bench",
+        description=__doc__.splitlines()[0],
+        epilog="Flags left out take the config's value (conf/config.yaml and its groups, conf/local/ where present).",
+    )
+    p.add_argument(
+        "--model",
+        help="a conf/model option, i.e. model=X (default: the config's, smollm2_135m); "
+        f"options: {', '.join(options('model'))}",
+    )
     p.add_argument("--pruner", help="pruner of the SDS run, i.e. pruner=X (default: the config's, wanda)")
-    p.add_argument("--pruners", default="magnitude,wanda,sparsegpt", type=_names,
-                   help=f"conf/pruner options timed as plain one-shot prunes (options: {', '.join(options('pruner'))})")
+    p.add_argument(
+        "--pruners",
+        default="magnitude,wanda,sparsegpt",
+        type=_names,
+        help=f"conf/pruner options timed as plain one-shot prunes (options: {', '.join(options('pruner'))})",
+    )
     p.add_argument("--device", help="device=X (default: cuda when available, else the config's)")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype=X (default: the config's, float32)")
-    p.add_argument("--sizes", type=_ints, help="calibration sample counts to run (two sizes show the scaling; "
-                                              "default: data.nsamples and half of it, 128,64)")
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        help="calibration sample counts to run (two sizes show the scaling; "
+        "default: data.nsamples and half of it, 128,64)",
+    )
     p.add_argument("--seqlen", type=int, help="data.seqlen=N, also the perplexity window (default: the config's, 2048)")
     p.add_argument("--pattern", default="2:4", help="pattern=X (default: 2:4)")
-    p.add_argument("--steps", type=int, help="sds.reactivate.steps and sds.adjustment.steps (default: the config's, 200)")
+    p.add_argument(
+        "--steps", type=int, help="sds.reactivate.steps and sds.adjustment.steps (default: the config's, 200)"
+    )
     p.add_argument("--batch-size", type=int, help="calib_batch_size=N (default: the config's, 8)")
     p.add_argument("--eval-windows", default=8, type=int, help="perplexity windows timed per dtype")
     p.add_argument("--data-dir", help="paths.data_dir=X (default: the config's: $SDS_DATA_DIR, else ../shared/data)")

@@ -23,10 +23,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sds_exp.resources import conf_dir
+
 __all__ = ["CONF_DIR", "ROOT", "add_override_arguments", "choices", "compose_config", "options", "override_key"]
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = conf_dir()  # <checkout>/conf, or sds_exp/conf inside an installed wheel
 
 
 def compose_config(
@@ -93,11 +95,9 @@ def choices() -> dict[str, str | None]:
     return {k: v for k, v in chosen.items() if not k.startswith("hydra/")}
 
 
-
 def options(group: str) -> list[str]:
     """The options of a config group, e.g. ``options("model")`` -> ``["llama2_7b", ..., "tiny_opt"]``."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
 
 
 def override_key(override: str) -> str:
@@ -108,8 +108,19 @@ def override_key(override: str) -> str:
 
 def add_override_arguments(parser) -> None:
     """Give an argparse parser the Hydra passthrough: trailing ``key=value`` arguments and ``-o/--override``."""
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="Hydra overrides of conf/ (group=option, key=value, +key=value), applied after the "
-                             "flags, e.g. pruner=sparsegpt pruner.percdamp=0.1 debug=tiny")
-    parser.add_argument("-o", "--override", action="append", default=[], dest="extra_overrides", metavar="key=value",
-                        help="one more Hydra override (repeatable); same as a trailing key=value")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Hydra overrides of conf/ (group=option, key=value, +key=value), applied after the "
+        "flags, e.g. pruner=sparsegpt pruner.percdamp=0.1 debug=tiny",
+    )
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        dest="extra_overrides",
+        metavar="key=value",
+        help="one more Hydra override (repeatable); same as a trailing key=value",
+    )

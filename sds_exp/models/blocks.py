@@ -18,8 +18,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "NoDecoderBlocksError", "decoder_blocks", "find_linears", "BlockInputs", "capture_block_inputs",
-    "run_block", "move_non_blocks", "StopForward",
+    "NoDecoderBlocksError",
+    "decoder_blocks",
+    "find_linears",
+    "BlockInputs",
+    "capture_block_inputs",
+    "run_block",
+    "move_non_blocks",
+    "StopForward",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,7 +110,7 @@ def move_non_blocks(model: nn.Module, blocks_path: str, device: torch.device | s
     for name, module in model.named_modules():
         if name == blocks_path or name.startswith(blocks_path + "."):
             continue
-        for key, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and param.device != torch.device(device):
                 param.data = param.data.to(device)
         for key, buf in module._buffers.items():
@@ -167,8 +173,10 @@ def capture_block_inputs(
     finally:
         handle.remove()
     assert hidden is not None
-    kwargs_by_bs = {bs: {k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values")}
-                    for bs, kw in kwargs_by_bs.items()}
+    kwargs_by_bs = {
+        bs: {k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values")}
+        for bs, kw in kwargs_by_bs.items()
+    }
     return BlockInputs(hidden=hidden, kwargs=kwargs_by_bs, batch_size=batch_size)
 
 

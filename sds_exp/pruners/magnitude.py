@@ -6,9 +6,8 @@ order rather than ``|W| <= threshold``, so ties at the threshold never over-prun
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor

@@ -14,10 +14,9 @@ an identity Hessian.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -116,9 +115,7 @@ class SparseGPT:
     def collector(self, in_features: int, device: torch.device) -> HessianStats:
         return HessianStats(in_features, device)
 
-    def prune(
-        self, weight: Tensor, stats: HessianStats | None, spec: SparsitySpec, name: str = ""
-    ) -> PruneResult:
+    def prune(self, weight: Tensor, stats: HessianStats | None, spec: SparsitySpec, name: str = "") -> PruneResult:
         if stats is None or stats.nsamples == 0:
             raise ValueError(f"SparseGPT needs calibration statistics for layer {name or '?'}, got none")
         return sparsegpt_prune(weight, stats.H, spec, self.blocksize, self.percdamp, name)

@@ -6,9 +6,8 @@ Matches ``prune_wanda`` in locuslab/wanda ``lib/prune.py`` with ``use_variant=Fa
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -43,9 +42,7 @@ class Wanda:
     def collector(self, in_features: int, device: torch.device) -> RowNormStats:
         return RowNormStats(in_features, device)
 
-    def prune(
-        self, weight: Tensor, stats: RowNormStats | None, spec: SparsitySpec, name: str = ""
-    ) -> PruneResult:
+    def prune(self, weight: Tensor, stats: RowNormStats | None, spec: SparsitySpec, name: str = "") -> PruneResult:
         if stats is None or stats.nsamples == 0:
             raise ValueError(f"Wanda needs calibration statistics for layer {name or '?'}, got none")
         w = weight.detach().float()

@@ -79,9 +79,11 @@ class RegularizerSum:
         self.terms = dict(terms or {})
         for name, term in self.terms.items():  # checked when the config is built, not after the prune stage
             if not isinstance(term, Regularizer):
-                raise TypeError(f"regularizer.{name}: {type(term).__module__}.{type(term).__qualname__} is not a "
-                                "regularizer; allowed: an object with __call__(weight) and prox(weight, step) "
-                                "(sds_exp.regularizers.norms.Regularizer)")
+                raise TypeError(
+                    f"regularizer.{name}: {type(term).__module__}.{type(term).__qualname__} is not a "
+                    "regularizer; allowed: an object with __call__(weight) and prox(weight, step) "
+                    "(sds_exp.regularizers.norms.Regularizer)"
+                )
 
     def __bool__(self) -> bool:
         return bool(self.terms)

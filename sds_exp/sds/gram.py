@@ -35,8 +35,14 @@ class GramStats:
     With ``teacher_gram=False`` X_d X_d^T is not kept; :meth:`problem` then needs ``out_sq``.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", cross: bool = True,
-                 dtype: torch.dtype = torch.float32, teacher_gram: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device | str = "cpu",
+        cross: bool = True,
+        dtype: torch.dtype = torch.float32,
+        teacher_gram: bool = True,
+    ) -> None:
         shape = (in_features, in_features)
         self.ss = torch.zeros(shape, dtype=dtype, device=device)
         self.sd = torch.zeros(shape, dtype=dtype, device=device) if cross else None

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from sds_exp.checkpoint import StageStore
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.reconstruct import ADJUST_SCORES, ReconstructSettings
-from sds_exp.sds.timing import PhaseTimer
 from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, reprune_model, snapshot_weights
+from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
 __all__ = ["STAGES", "SDSConfig", "SDSResult", "run_sds", "mask_overlap"]
@@ -73,9 +73,9 @@ class SDSConfig:
 
 @dataclass
 class SDSResult:
-    masks: dict[str, Tensor]                      # final keep-masks, by layer
-    first_masks: dict[str, Tensor]                # masks of the first prune
-    seconds: dict[str, float] = field(default_factory=dict)   # per stage (reprune includes adjust)
+    masks: dict[str, Tensor]  # final keep-masks, by layer
+    first_masks: dict[str, Tensor]  # masks of the first prune
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage (reprune includes adjust)
     reports: dict[str, dict] = field(default_factory=dict)  # stage -> layer -> loss numbers
     reprune_masks: dict[str, Tensor] | None = None  # the re-prune's masks before adjustment (None: no re-prune)
 
@@ -102,11 +102,19 @@ def swapped_weights(model: nn.Module, weights: dict[str, Tensor]):
 
 
 def run_sds(
-    model: nn.Module, calib: Tensor, pruner: Pruner, spec: SparsitySpec, config: SDSConfig,
-    regularizer: Callable[[Tensor], Tensor] | None = None, *, device: torch.device | str = "cpu",
-    batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
+    model: nn.Module,
+    calib: Tensor,
+    pruner: Pruner,
+    spec: SparsitySpec,
+    config: SDSConfig,
+    regularizer: Callable[[Tensor], Tensor] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    ignore: list[str] | tuple[str, ...] = (),
     on_stage: Callable[[str, nn.Module], None] = lambda name, model: None,
-    store: StageStore | None = None, timer: PhaseTimer | None = None,
+    store: StageStore | None = None,
+    timer: PhaseTimer | None = None,
 ) -> SDSResult:
     """Run SDS (or the one-shot baseline when ``config.redense`` is False) on ``model`` in place.
 
@@ -122,11 +130,20 @@ def run_sds(
     done = STAGES.index(resumed.stage) if resumed is not None else -1
     reports: dict[str, dict] = {}
 
-    def checkpoint(stage: str, masks: dict[str, Tensor] | None = None,
-                   reprune_masks: dict[str, Tensor] | None = None) -> None:
+    def checkpoint(
+        stage: str, masks: dict[str, Tensor] | None = None, reprune_masks: dict[str, Tensor] | None = None
+    ) -> None:
         if store is not None:
-            store.save(stage, layers, first, masks, reprune_masks=reprune_masks, seconds=seconds,
-                       phases=dict(timer.seconds), reports=reports)
+            store.save(
+                stage,
+                layers,
+                first,
+                masks,
+                reprune_masks=reprune_masks,
+                seconds=seconds,
+                phases=dict(timer.seconds),
+                reports=reports,
+            )
 
     if done < 0:
         on_stage("dense", model)
@@ -151,19 +168,35 @@ def run_sds(
 
     if done < STAGES.index("reactivate"):  # step 2: dense re-activation with sparse regularisation
         t = clock()
-        reports["reactivate"] = reactivate_model(model, calib, dense, config.reactivate, regularizer,
-                                                 inputs=config.inputs, **common)
+        reports["reactivate"] = reactivate_model(
+            model, calib, dense, config.reactivate, regularizer, inputs=config.inputs, **common
+        )
         seconds["reactivate"] = clock() - t
         on_stage("reactivate", model)
         checkpoint("reactivate")
 
     last = config.stages[-1]
     if done >= STAGES.index(last):
-        return SDSResult(masks=resumed.masks, first_masks=first, seconds=seconds, reports=reports,
-                         reprune_masks=resumed.reprune_masks or None)
+        return SDSResult(
+            masks=resumed.masks,
+            first_masks=first,
+            seconds=seconds,
+            reports=reports,
+            reprune_masks=resumed.reprune_masks or None,
+        )
     t = clock()  # step 3: re-prune with fresh statistics, then adjust under a moving mask
-    second = reprune_model(model, calib, dense, pruner, spec, config.adjust, config.adjustment,
-                           adjust_group=config.adjust_group, adjust_score=config.adjust_score, **common)
+    second = reprune_model(
+        model,
+        calib,
+        dense,
+        pruner,
+        spec,
+        config.adjust,
+        config.adjustment,
+        adjust_group=config.adjust_group,
+        adjust_score=config.adjust_score,
+        **common,
+    )
     seconds["reprune"] = clock() - t
     reports["reprune"] = second.report
     if config.adjust == "false":
@@ -173,5 +206,6 @@ def run_sds(
             on_stage("reprune", model)  # the plain re-prune, before adjustment
         on_stage("adjust", model)
     checkpoint(last, second.masks, second.reprune_masks)
-    return SDSResult(masks=second.masks, first_masks=first, seconds=seconds, reports=reports,
-                     reprune_masks=second.reprune_masks)
+    return SDSResult(
+        masks=second.masks, first_masks=first, seconds=seconds, reports=reports, reprune_masks=second.reprune_masks
+    )

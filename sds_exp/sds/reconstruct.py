@@ -27,8 +27,7 @@ from sds_exp.pruners.masks import select_mask
 from sds_exp.sds.gram import LayerProblem
 from sds_exp.spec import SparsitySpec
 
-__all__ = ["ReconstructSettings", "ReconstructionDivergedError", "reconstruct", "magnitude_projector",
-           "ADJUST_SCORES"]
+__all__ = ["ReconstructSettings", "ReconstructionDivergedError", "reconstruct", "magnitude_projector", "ADJUST_SCORES"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,11 @@ class ReconstructSettings:
         lr = getattr(self.optimizer, "keywords", {}).get("lr")
         ok = (0 < lr < 2) if self.precondition else (0 < lr <= 10) if lr is not None else True
         if lr is not None and (not math.isfinite(lr) or not ok):
-            raise ValueError(f"learning rate lr={lr}; allowed: " + ("0 < lr < 2" if self.precondition else "0 < lr <= 10")
-                             + (" (a fraction of a Newton step with precondition=true)" if self.precondition else ""))
+            raise ValueError(
+                f"learning rate lr={lr}; allowed: "
+                + ("0 < lr < 2" if self.precondition else "0 < lr <= 10")
+                + (" (a fraction of a Newton step with precondition=true)" if self.precondition else "")
+            )
         if int(self.check_every) != self.check_every or self.check_every < 1:
             raise ValueError(f"check_every={self.check_every}; must be a positive integer")
         if not 0 < self.damp < 10:
@@ -86,8 +88,9 @@ class ReconstructSettings:
 ADJUST_SCORES = ("magnitude", "wanda")
 
 
-def magnitude_projector(spec: SparsitySpec, group: str = "row",
-                        column_scale: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+def magnitude_projector(
+    spec: SparsitySpec, group: str = "row", column_scale: Tensor | None = None
+) -> Callable[[Tensor], Tensor]:
     """Top-score keep-mask under ``spec`` (per row, or per N:M group), re-selected after every step.
 
     The score is |W| (the paper's projection), or ``|W| * column_scale`` with ``column_scale = sqrt(diag A)``
@@ -146,7 +149,8 @@ def reconstruct(
         project: if given, W is multiplied by ``project(W)`` (a keep-mask) after every step and at the start.
 
     Returns:
-        (final weight, final mask or None, losses: reconstruction ``loss_*``, penalty ``reg_*`` and their sum ``objective_*``, before and after).
+        (final weight, final mask or None, losses): reconstruction ``loss_*``, penalty ``reg_*`` and their
+        sum ``objective_*``, before and after.
 
     Raises:
         ReconstructionDivergedError: naming the layer and the settings.
@@ -200,6 +204,15 @@ def reconstruct(
     loss_after = problem.loss(W)
     reg_after = float(regularizer(W)) if regularizer is not None else 0.0
     _check(loss_after + reg_after, limit, steps, start, settings, name)
-    return W, mask, {"loss_before": loss_before, "loss_after": loss_after, "reg_before": reg_before,
-                     "reg_after": reg_after, "objective_before": loss_before + reg_before,
-                     "objective_after": loss_after + reg_after}
+    return (
+        W,
+        mask,
+        {
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "reg_before": reg_before,
+            "reg_after": reg_after,
+            "objective_before": loss_before + reg_before,
+            "objective_after": loss_after + reg_after,
+        },
+    )

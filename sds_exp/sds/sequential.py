@@ -7,6 +7,7 @@ accumulated once (the references compute them once per layer).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
@@ -79,7 +80,10 @@ def _hooks(layers: dict[str, nn.Linear], fn: Callable[[str, Tensor], None]) -> l
 
 @torch.no_grad()
 def collect_stats(
-    block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs, make: Callable[[nn.Linear], object],
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    inputs: BlockInputs,
+    make: Callable[[nn.Linear], object],
     out: Tensor | None = None,
 ) -> dict[str, object]:
     """Forward ``inputs`` through ``block`` feeding each layer's input to ``make(layer).add_batch``.
@@ -107,7 +111,9 @@ def collect_stats(
 
 
 @torch.no_grad()
-def layer_groups(block: nn.Module, prefix: str, inputs: BlockInputs, ignore: list[str] | tuple[str, ...] = ()) -> list[list[str]]:
+def layer_groups(
+    block: nn.Module, prefix: str, inputs: BlockInputs, ignore: list[str] | tuple[str, ...] = ()
+) -> list[list[str]]:
     """The block's linear layers in forward order, grouped by shared input (q/k/v, o, gate/up, down).
 
     A layer's input depends on the groups before it, so reconstructing group by group, with fresh
@@ -164,9 +170,15 @@ class LayerGrams:
 
 @torch.no_grad()
 def paired_pass(
-    student: nn.Module, teacher: nn.Module, prefix: str, xs: BlockInputs, xd: BlockInputs,
-    ignore: list[str] | tuple[str, ...] = (), make_extra: Callable[[nn.Linear], object] | None = None,
-    teacher_out: Tensor | None = None, only: set[str] | None = None,
+    student: nn.Module,
+    teacher: nn.Module,
+    prefix: str,
+    xs: BlockInputs,
+    xd: BlockInputs,
+    ignore: list[str] | tuple[str, ...] = (),
+    make_extra: Callable[[nn.Linear], object] | None = None,
+    teacher_out: Tensor | None = None,
+    only: set[str] | None = None,
     grams_needed: bool = True,
 ) -> tuple[LayerGrams, dict[str, object]]:
     """One pass over a block with two streams: the teacher (dense block, dense inputs ``xd``) and the
@@ -180,8 +192,8 @@ def paired_pass(
     s_layers = find_linears(student, prefix, ignore)
     t_layers = find_linears(teacher, prefix, ignore)
     if only is not None:  # statistics for these layers only (group-by-group reconstruction)
-        s_layers = {n: l for n, l in s_layers.items() if n in only}
-        t_layers = {n: l for n, l in t_layers.items() if n in only}
+        s_layers = {n: lin for n, lin in s_layers.items() if n in only}
+        t_layers = {n: lin for n, lin in t_layers.items() if n in only}
     stop_teacher = only is not None and teacher_out is None  # the teacher's block output is not needed
     stop_student = only is not None
     device = xs.hidden.device
@@ -217,8 +229,14 @@ def paired_pass(
                 extra.stats[lead].add_batch(x)
         maybe_stop(name, s_layers, stop_student)
 
-    t_handles = [layer.register_forward_hook(lambda m, a, o, _n=name: on_teacher(_n, a[0], o))
-                 for name, layer in t_layers.items()] if grams_needed else []
+    t_handles = (
+        [
+            layer.register_forward_hook(lambda m, a, o, _n=name: on_teacher(_n, a[0], o))
+            for name, layer in t_layers.items()
+        ]
+        if grams_needed
+        else []
+    )
     handles = t_handles + _hooks(s_layers, on_student)
     try:
         for sl, kwargs in xs.batches():
@@ -232,10 +250,8 @@ def paired_pass(
             except StopForward:
                 yt = None
             seen.clear()
-            try:
+            with contextlib.suppress(StopForward):
                 student(xs.hidden[sl], **kwargs)
-            except StopForward:
-                pass
             if teacher_out is not None:
                 teacher_out[sl] = yt[0] if isinstance(yt, tuple) else yt
     finally:

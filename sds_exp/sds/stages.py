@@ -31,8 +31,16 @@ from sds_exp.sds.sequential import LayerGrams, collect_stats, dense_copy, layer_
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
-__all__ = ["prunable_layers", "validate_layers", "snapshot_weights", "prune_model", "reactivate_model",
-           "reprune_model", "RepruneOutcome", "ADJUST_MODES"]
+__all__ = [
+    "prunable_layers",
+    "validate_layers",
+    "snapshot_weights",
+    "prune_model",
+    "reactivate_model",
+    "reprune_model",
+    "RepruneOutcome",
+    "ADJUST_MODES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,16 @@ def _write(layer: nn.Linear, weight: Tensor) -> None:
 
 @torch.no_grad()
 def prune_model(
-    model: nn.Module, calib: Tensor, pruner: Pruner, spec: SparsitySpec, *, device="cpu", batch_size: int = 8,
-    ignore: list[str] | tuple[str, ...] = (), desc: str = "prune", timer: PhaseTimer | None = None,
+    model: nn.Module,
+    calib: Tensor,
+    pruner: Pruner,
+    spec: SparsitySpec,
+    *,
+    device="cpu",
+    batch_size: int = 8,
+    ignore: list[str] | tuple[str, ...] = (),
+    desc: str = "prune",
+    timer: PhaseTimer | None = None,
 ) -> dict[str, Tensor]:
     """Prune every block's linear layers in place; returns the keep-masks by layer name (CPU, bool)."""
     timer = timer or PhaseTimer()
@@ -102,9 +118,17 @@ def prune_model(
 
 @torch.no_grad()
 def reactivate_model(
-    model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], settings: ReconstructSettings,
-    regularizer=None, *, inputs: str = "sparse", device="cpu", batch_size: int = 8,
-    ignore: list[str] | tuple[str, ...] = (), timer: PhaseTimer | None = None,
+    model: nn.Module,
+    calib: Tensor,
+    dense_weights: dict[str, Tensor],
+    settings: ReconstructSettings,
+    regularizer=None,
+    *,
+    inputs: str = "sparse",
+    device="cpu",
+    batch_size: int = 8,
+    ignore: list[str] | tuple[str, ...] = (),
+    timer: PhaseTimer | None = None,
 ) -> dict[str, dict[str, float]]:
     """SDS step 2 in place: every linear becomes dense again; returns per-layer loss reports."""
     if inputs not in ("sparse", "dense"):
@@ -123,12 +147,14 @@ def reactivate_model(
         for g, group in enumerate(groups):  # in forward order, with fresh statistics for each group
             with timer("reactivate/gram_forward"):
                 if xs is not None:
-                    grams, _ = paired_pass(block, teacher, prefix, xs, xd, ignore, only=set(group),
-                                           teacher_out=xd_out if g == 0 else None)
+                    grams, _ = paired_pass(
+                        block, teacher, prefix, xs, xd, ignore, only=set(group), teacher_out=xd_out if g == 0 else None
+                    )
                 else:
-                    t_layers = {n: l for n, l in find_linears(teacher, prefix, ignore).items() if n in group}
-                    grams = LayerGrams(collect_stats(teacher, t_layers, xd, _plain_gram(device),
-                                                     out=xd_out if g == 0 else None))
+                    t_layers = {n: lin for n, lin in find_linears(teacher, prefix, ignore).items() if n in group}
+                    grams = LayerGrams(
+                        collect_stats(teacher, t_layers, xd, _plain_gram(device), out=xd_out if g == 0 else None)
+                    )
             layers = find_linears(block, prefix, ignore)
             with timer("reactivate/optimise"):
                 for name in group:
@@ -156,17 +182,29 @@ def _plain_gram(device):
 
 @dataclass
 class RepruneOutcome:
-    masks: dict[str, Tensor]                               # final keep-masks
-    plain: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (weight, mask) before adjust, where adjusted
+    masks: dict[str, Tensor]  # final keep-masks
+    plain: dict[str, tuple[Tensor, Tensor]] = field(
+        default_factory=dict
+    )  # name -> (weight, mask) before adjust, where adjusted
     reprune_masks: dict[str, Tensor] = field(default_factory=dict)  # the re-prune's masks before adjust, every layer
     report: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @torch.no_grad()
 def reprune_model(
-    model: nn.Module, calib: Tensor, dense_weights: dict[str, Tensor], pruner: Pruner, spec: SparsitySpec,
-    adjust: str = "auto", settings: ReconstructSettings | None = None, *, adjust_group: str = "row",
-    adjust_score: str = "magnitude", device="cpu", batch_size: int = 8, ignore: list[str] | tuple[str, ...] = (),
+    model: nn.Module,
+    calib: Tensor,
+    dense_weights: dict[str, Tensor],
+    pruner: Pruner,
+    spec: SparsitySpec,
+    adjust: str = "auto",
+    settings: ReconstructSettings | None = None,
+    *,
+    adjust_group: str = "row",
+    adjust_score: str = "magnitude",
+    device="cpu",
+    batch_size: int = 8,
+    ignore: list[str] | tuple[str, ...] = (),
     timer: PhaseTimer | None = None,
 ) -> RepruneOutcome:
     """SDS step 3 in place: prune the re-activated model again and adjust its weights.
@@ -199,8 +237,17 @@ def reprune_model(
         teacher = dense_copy(block, prefix, dense_weights)
         groups = layer_groups(block, prefix, xr, ignore)
         with timer("reprune/stats_forward"):  # the references' order: all layers from one pre-pruning pass
-            grams, stats = paired_pass(block, teacher, prefix, xr, xd, ignore, make_extra=make, teacher_out=xd_out,
-                                       grams_needed=adjust == "false")
+            grams, stats = paired_pass(
+                block,
+                teacher,
+                prefix,
+                xr,
+                xd,
+                ignore,
+                make_extra=make,
+                teacher_out=xd_out,
+                grams_needed=adjust == "false",
+            )
         layers = find_linears(block, prefix, ignore)
         plains = {}
         with timer("reprune/mask"):

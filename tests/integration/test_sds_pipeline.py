@@ -67,7 +67,9 @@ def test_ignore_and_nm_width_check(tiny_llama):
     masks = prune_model(model, _calib(tiny_llama.tokenizer), Wanda(), NM, ignore=["*.mlp.down_proj"])
     assert not any(n.endswith("down_proj") for n in masks)
     bad = SparsitySpec.parse(1 - 2 / 3, "2:3")
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj has in_features=32, not divisible by M=3"):
+    with pytest.raises(
+        ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj has in_features=32, not divisible by M=3"
+    ):
         prune_model(model, _calib(tiny_llama.tokenizer), Wanda(), bad)
 
 
@@ -93,8 +95,9 @@ def test_reactivation_regrows_zeros_and_lowers_loss(tiny_llama):
         assert (regrown != 0).float().mean() > 0.9, name
         assert report[name]["loss_after"] < report[name]["loss_before"], name
     # with a penalty the optimised objective (reconstruction + penalty) goes down
-    report = reactivate_model(pruned, calib, dense, ReconstructSettings(steps=30), RegularizerSum({"l1": L1(0.1)}),
-                              batch_size=4)
+    report = reactivate_model(
+        pruned, calib, dense, ReconstructSettings(steps=30), RegularizerSum({"l1": L1(0.1)}), batch_size=4
+    )
     assert all(r["objective_after"] < r["objective_before"] for r in report.values())
 
 
@@ -102,11 +105,23 @@ def test_reactivation_regrows_zeros_and_lowers_loss(tiny_llama):
 def test_full_sds_meets_spec_and_reports(tiny_llama, spec):
     model = tiny_llama.model
     stages = []
-    config = SDSConfig(reactivate=ReconstructSettings(steps=20), adjust="true",
-                       adjustment=ReconstructSettings(steps=20, optimizer=partial(torch.optim.Adam, lr=1e-3)))
-    result = run_sds(model, _calib(tiny_llama.tokenizer), Wanda(), spec, config,
-                     RegularizerSum({"l1": L1(0.1), "l2": L2(0.1)}), batch_size=4,
-                     on_stage=lambda name, m: stages.append((name, float(prunable_layers(m)["model.layers.0.mlp.up_proj"].weight.eq(0).float().mean()))))
+    config = SDSConfig(
+        reactivate=ReconstructSettings(steps=20),
+        adjust="true",
+        adjustment=ReconstructSettings(steps=20, optimizer=partial(torch.optim.Adam, lr=1e-3)),
+    )
+    result = run_sds(
+        model,
+        _calib(tiny_llama.tokenizer),
+        Wanda(),
+        spec,
+        config,
+        RegularizerSum({"l1": L1(0.1), "l2": L2(0.1)}),
+        batch_size=4,
+        on_stage=lambda name, m: stages.append(
+            (name, float(prunable_layers(m)["model.layers.0.mlp.up_proj"].weight.eq(0).float().mean()))
+        ),
+    )
     assert [s for s, _ in stages] == ["dense", "prune", "reactivate", "reprune", "adjust"]
     zero_frac = dict(stages)
     assert zero_frac["dense"] == 0 and zero_frac["reactivate"] < 0.1
@@ -128,8 +143,7 @@ def test_full_sds_meets_spec_and_reports(tiny_llama, spec):
 def test_no_redense_reprunes_the_first_mask(tiny_llama):
     # reactivate.steps=0 (the "prune -> adjust" ablation): the re-prune sees the pruned weights, keeps the
     # first mask exactly, and only the adjustment moves it
-    config = SDSConfig(reactivate=ReconstructSettings(steps=0), adjust="true",
-                       adjustment=ReconstructSettings(steps=20))
+    config = SDSConfig(reactivate=ReconstructSettings(steps=0), adjust="true", adjustment=ReconstructSettings(steps=20))
     result = run_sds(tiny_llama.model, _calib(tiny_llama.tokenizer), Magnitude(), NM, config, batch_size=4)
     assert mask_overlap(result.first_masks, result.reprune_masks) == 1.0
     assert all(torch.equal(result.first_masks[n], m) for n, m in result.reprune_masks.items())
@@ -138,8 +152,12 @@ def test_no_redense_reprunes_the_first_mask(tiny_llama):
 
 def test_adjust_with_wanda_score_projection(tiny_llama):
     """adjust_score=wanda: the final masks still meet the pattern; bad values are refused by name."""
-    config = SDSConfig(reactivate=ReconstructSettings(steps=5), adjust="true", adjust_score="wanda",
-                       adjustment=ReconstructSettings(steps=10, damp=0.1))
+    config = SDSConfig(
+        reactivate=ReconstructSettings(steps=5),
+        adjust="true",
+        adjust_score="wanda",
+        adjustment=ReconstructSettings(steps=10, damp=0.1),
+    )
     result = run_sds(tiny_llama.model, _calib(tiny_llama.tokenizer), Wanda(), NM, config, None, batch_size=4)
     for name, layer in prunable_layers(tiny_llama.model).items():
         assert check_nm(result.masks[name], 2, 4), name
@@ -149,8 +167,9 @@ def test_adjust_with_wanda_score_projection(tiny_llama):
         SDSConfig(adjust_score="norm")
 
 
-@pytest.mark.parametrize("family, dtype", [("tiny_llama", torch.float32), ("tiny_opt", torch.float32),
-                                           ("tiny_llama", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "family, dtype", [("tiny_llama", torch.float32), ("tiny_opt", torch.float32), ("tiny_llama", torch.bfloat16)]
+)
 def test_paired_pass_per_group_equals_token_level_problem(family, dtype, request):
     """The group passes stop the forwards early and read c0 from the teacher's outputs (minus bias);
     A, P and c0 must still be those of the layer's own inputs over every calibration token."""
@@ -164,7 +183,7 @@ def test_paired_pass_per_group_equals_token_level_problem(family, dtype, request
     xd = capture_block_inputs(lm.model, calib, "cpu", batch_size=2)
     path, blocks = decoder_blocks(lm.model)
     block, prefix = blocks[0], f"{path}.0"
-    dense = {n: l.weight.detach().clone() for n, l in find_linears(block, prefix).items()}
+    dense = {n: lin.weight.detach().clone() for n, lin in find_linears(block, prefix).items()}
     teacher = dense_copy(block, prefix, dense)
     prune_model(lm.model, calib, Magnitude(), NM)  # the student: pruned weights, perturbed inputs
     xs = xd.clone()
@@ -176,8 +195,10 @@ def test_paired_pass_per_group_equals_token_level_problem(family, dtype, request
         def keep(name, x):
             ins.setdefault(name, []).append(x)
 
-        hooks = [l.register_forward_hook(lambda m, a, o, _n=n: keep(_n, a[0]))
-                 for n, l in find_linears(module, prefix).items()]
+        hooks = [
+            lin.register_forward_hook(lambda m, a, o, _n=n: keep(_n, a[0]))
+            for n, lin in find_linears(module, prefix).items()
+        ]
         run_block(module, xs if module is block else xd)
         for h in hooks:
             h.remove()

@@ -3,11 +3,11 @@ from functools import partial
 import pytest
 import torch
 
+from sds_exp.pruners.masks import check_nm, select_mask
 from sds_exp.regularizers.norms import L1, L2, RegularizerSum
 from sds_exp.sds.gram import GramStats
-from sds_exp.sds.sequential import output_energy
 from sds_exp.sds.reconstruct import ReconstructionDivergedError, ReconstructSettings, magnitude_projector, reconstruct
-from sds_exp.pruners.masks import check_nm, select_mask
+from sds_exp.sds.sequential import output_energy
 from sds_exp.spec import SparsitySpec
 
 
@@ -22,7 +22,7 @@ def _streams(out=12, inp=20, tokens=50, seqs=3, seed=0):
 
 def _gram(Xs, Xd, cross=True):
     stats = GramStats(Xs.shape[-1], cross=cross, dtype=Xs.dtype)
-    for s, d in zip(Xs.split(1), Xd.split(1)):
+    for s, d in zip(Xs.split(1), Xd.split(1), strict=True):
         stats.add(s, d if cross else None)
     return stats
 
@@ -115,8 +115,9 @@ def test_wanda_score_projection_weighs_columns_by_input_norm():
     assert magnitude_projector(spec, column_scale=scale)(W).tolist() == [[False, False, True, True]]
     Wr = torch.randn(6, 16)
     s = torch.rand(16) + 0.1
-    torch.testing.assert_close(magnitude_projector(SparsitySpec(0.5), "row", s)(Wr),
-                               select_mask(Wr.abs() * s, SparsitySpec(0.5), "row"))
+    torch.testing.assert_close(
+        magnitude_projector(SparsitySpec(0.5), "row", s)(Wr), select_mask(Wr.abs() * s, SparsitySpec(0.5), "row")
+    )
 
 
 def test_learning_rate_range_and_divergence_message():

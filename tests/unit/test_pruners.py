@@ -49,7 +49,8 @@ def test_wanda_hand_computation_4x8():
     stats = RowNormStats(8)
     stats.scaler_row, stats.nsamples = norms_sq, 1
     res = Wanda().prune(W, stats, HALF)
-    # row 0 scores: 8,8,6,4,5,12,28,64 -> prune the 4 lowest: cols 3 (4), 4 (5), 2 (6), then 0 (8, tie with 1: lower index)
+    # row 0 scores: 8,8,6,4,5,12,28,64 -> prune the 4 lowest: cols 3 (4), 4 (5), 2 (6),
+    # then 0 (8, tie with 1: lower index)
     assert (~res.mask[0]).nonzero().flatten().tolist() == [0, 2, 3, 4]
     # row 2 scores: 64,28,12,5,4,6,8,8 -> prune cols 4,3,5,6
     assert (~res.mask[2]).nonzero().flatten().tolist() == [3, 4, 5, 6]
