@@ -22,8 +22,15 @@ from pathlib import Path
 from sds_exp.data.mirror import MirrorError, default_cache_file, mirror_dir, verify_mirror_files
 
 __all__ = [
-    "DataUnavailableError", "MirrorError", "mirror_dir", "wikitext2_rows", "c4_documents", "C4_CALIB_DOCS",
-    "C4_EVAL_DOCS", "MIRROR_FILES", "dataset_files",
+    "DataUnavailableError",
+    "MirrorError",
+    "mirror_dir",
+    "wikitext2_rows",
+    "c4_documents",
+    "C4_CALIB_DOCS",
+    "C4_EVAL_DOCS",
+    "MIRROR_FILES",
+    "dataset_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,9 +48,13 @@ MIRROR_FILES: dict[str, str] = {
     "c4/evaluation": "c4/c4_validation_2k.parquet",
 }
 _DATASET_KEYS = {
-    "wikitext2": "wikitext2/test", "wikitext2_train": "wikitext2/train",
-    "wikitext2_validation": "wikitext2/validation", "c4_calibration": "c4/calibration",
-    "c4_evaluation": "c4/evaluation", "c4": "c4/evaluation",
+    "wikitext2": "wikitext2/test",
+    "wikitext2_train": "wikitext2/train",
+    "wikitext2_validation": "wikitext2/validation",
+    "wikitext2_val": "wikitext2/validation",  # the perplexity dataset name (sds_exp.evaluation.perplexity)
+    "c4_calibration": "c4/calibration",
+    "c4_evaluation": "c4/evaluation",
+    "c4": "c4/evaluation",
 }
 
 
@@ -53,7 +64,8 @@ class DataUnavailableError(FileNotFoundError):
 
 def dataset_files(name: str) -> list[str]:
     """Mirror files (relpaths) behind a dataset name: ``wikitext2`` (test), ``wikitext2_train``,
-    ``wikitext2_validation``, ``c4_calibration``, ``c4_evaluation`` (= ``c4``, the perplexity set)."""
+    ``wikitext2_validation`` (= ``wikitext2_val``, the validation perplexity set), ``c4_calibration``,
+    ``c4_evaluation`` (= ``c4``, the perplexity set). Every perplexity dataset name is accepted."""
     if name not in _DATASET_KEYS:
         raise ValueError(f"dataset={name!r} is not known; allowed: {', '.join(_DATASET_KEYS)}")
     return [MIRROR_FILES[_DATASET_KEYS[name]]]
@@ -76,11 +88,13 @@ def _jsonl_texts(path: Path) -> list[str]:
             except UnicodeDecodeError as exc:
                 raise MirrorError(f"{path} line {n}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
             except json.JSONDecodeError as exc:
-                raise MirrorError(f"{path} line {n}: {exc.msg} (column {exc.colno}); the file is damaged or "
-                                  "truncated") from exc
+                raise MirrorError(
+                    f"{path} line {n}: {exc.msg} (column {exc.colno}); the file is damaged or truncated"
+                ) from exc
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise MirrorError(f"{path} line {n}: expected an object with a string 'text' field, "
-                                  f"got {str(row)[:80]!r}")
+                raise MirrorError(
+                    f"{path} line {n}: expected an object with a string 'text' field, got {str(row)[:80]!r}"
+                )
             rows.append(row["text"])
     return rows
 
@@ -100,8 +114,10 @@ def _parquet_texts(path: Path) -> list[str]:
     try:
         table = pq.read_table(path, columns=["text"])
     except (pa.ArrowException, OSError, KeyError) as exc:
-        raise MirrorError(f"{path}: not a readable parquet file with a 'text' column ({type(exc).__name__}: "
-                          f"{exc}); the file is damaged or truncated") from exc
+        raise MirrorError(
+            f"{path}: not a readable parquet file with a 'text' column ({type(exc).__name__}: "
+            f"{exc}); the file is damaged or truncated"
+        ) from exc
     return table.column("text").to_pylist()
 
 

@@ -6,19 +6,23 @@ A sweep directory (``outputs/multiruns/<timestamp>/``, ``conf/hydra/default.yaml
 ``multirun.yaml`` with Hydra's own ``BasicSweeper.split_arguments`` (the same job numbering the
 launcher used), so a job whose directory never appeared is reported as ``missing`` instead of
 silently dropped. A directory of single runs (``outputs/runs/...``) works too; its jobs are simply
-those found.
+those found. So are the sweeps of sweepers without a grid (Optuna, Nevergrad, Ax: they write no
+``multirun.yaml``, their trials are chosen as the search goes): the job directories found are the
+jobs, numbered as the launcher numbered them, and ``optimization_results.yaml`` (Optuna's best trial)
+is read by :func:`optimization_results`.
 
 :func:`describe_jobs` then says what each job was, in table terms: model, pattern label ("2:4",
 "50%"), base pruner, baseline or SDS, seed, and the *variant*: the overridden keys that differ
 between the jobs of the collection (``regularizer=none``, ``sds.inputs=dense``...), so that
-ablations get their own rows.
+ablations and the trials of a search get their own rows. Float values are printed with the fewest
+significant digits (3 or more) that keep the collection's values apart: an Optuna trial reads
+``regularizer.l1.lam=0.00123``, not ``regularizer.l1.lam=0.0012345678901234567``.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -37,6 +41,8 @@ __all__ = [
     "collect_jobs",
     "read_job",
     "expected_overrides",
+    "sweeper_of",
+    "optimization_results",
     "parse_overrides",
     "pattern_label",
     "describe_jobs",
@@ -48,10 +54,13 @@ log = logging.getLogger(__name__)
 STATUSES = (*RECORD_STATUSES, "missing")
 # Overridden keys that are table coordinates (or bookkeeping), never a row variant.
 COORDINATE_KEYS = {"model", "pruner", "sds", "pattern", "sparsity", "seed", "experiment"}
-BOOKKEEPING_PREFIXES = (*provenance.BOOKKEEPING_KEYS,
-                        # evaluation extras that leave the table's numbers as they are (a zero-shot suite
-                        # added, intermediate stages on fewer windows); max_windows/seqlen still vary rows
-                        "benchmark.zeroshot", "benchmark.ppl.stage_max_windows")
+BOOKKEEPING_PREFIXES = (
+    *provenance.BOOKKEEPING_KEYS,
+    # evaluation extras that leave the table's numbers as they are (a zero-shot suite
+    # added, intermediate stages on fewer windows); max_windows/seqlen still vary rows
+    "benchmark.zeroshot",
+    "benchmark.ppl.stage_max_windows",
+)
 BOOKKEEPING_KEYS = {"benchmark"}  # the suite choice itself (ppl / paper): same perplexity protocol
 
 
@@ -59,6 +68,7 @@ def acts_after_prune(key: str) -> bool:
     """Keys that act after the first prune cannot change the `prune/` stage of an SDS job."""
     stage = provenance.first_stage_of(key)
     return stage is not None and provenance.STAGE_ORDER.index(stage) > provenance.STAGE_ORDER.index("prune")
+
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -149,26 +159,56 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return items
 
 
+def sweeper_of(sweep_dir: str | Path) -> str | None:
+    """The sweeper's ``_target_`` (from ``multirun.yaml``, else from the first job's ``.hydra/hydra.yaml``)."""
+    sweep_dir = Path(sweep_dir)
+    candidates = [sweep_dir / "multirun.yaml", *sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]]
+    for path in candidates:
+        if path.is_file():
+            try:
+                target = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper._target_", default=None)
+            except Exception:  # a damaged file: the caller lists what it finds
+                continue
+            if target:
+                return str(target)
+    return None
+
+
+def optimization_results(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """Optuna's ``optimization_results.yaml`` of a sweep (``best_params``, ``best_value``, or
+    ``solutions`` for several objectives); None when there is none or it cannot be read."""
+    path = Path(sweep_dir) / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = _load_yaml(path)
+    except Exception as exc:
+        log.warning("%s: unreadable (%s)", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def expected_overrides(sweep_dir: str | Path) -> list[list[str]] | None:
     """The override list of every job of a basic-sweeper multirun, indexed by job number.
 
     Re-expands ``hydra.sweeper.params`` followed by the command-line overrides of ``multirun.yaml``
-    exactly as ``BasicSweeper.sweep`` does. Returns None when there is no ``multirun.yaml``, the
-    sweeper is not Hydra's basic one, or the overrides cannot be expanded offline (``glob(...)``).
+    exactly as ``BasicSweeper.sweep`` does. Returns None when there is no expected grid: no
+    ``multirun.yaml`` (single runs; sweepers such as Optuna's, which write none), a sweeper other than
+    Hydra's basic one, or overrides that cannot be expanded offline (``glob(...)``). The caller then
+    lists the job directories found.
     """
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
+        sweeper = sweeper_of(sweep_dir)
+        if sweeper and not sweeper.endswith("BasicSweeper"):
+            log.info("%s: sweeper %s has no expected grid; listing the job dirs found", sweep_dir, sweeper)
         return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     cfg = OmegaConf.load(path)
     sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_", default="")
     if not str(sweeper).endswith("BasicSweeper"):
-        log.warning(
-            "%s: sweeper %s; the expected grid is unknown, listing the job dirs found",
-            path,
-            sweeper,
-        )
+        log.info("%s: sweeper %s has no expected grid; listing the job dirs found", path, sweeper)
         return None
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     args = [f"{k}={v}" for k, v in params.items()]
@@ -197,9 +237,7 @@ def read_job(directory: str | Path, sweep: Path | None = None) -> JobRecord:
         num = int(job_num) if isinstance(job_num, int) else None
         raw = OmegaConf.select(hcfg, "hydra.runtime.choices", default=None)
         raw = OmegaConf.to_container(raw, resolve=False) if raw is not None else {}
-        choices = {
-            k: str(v) for k, v in raw.items() if not k.startswith("hydra/") and v is not None
-        }
+        choices = {k: str(v) for k, v in raw.items() if not k.startswith("hydra/") and v is not None}
     if (hydra_dir / "overrides.yaml").is_file():
         overrides = [str(o) for o in _load_yaml(hydra_dir / "overrides.yaml") or []]
     for name in ("resolved_config.yaml", ".hydra/config.yaml"):
@@ -222,13 +260,11 @@ def read_job(directory: str | Path, sweep: Path | None = None) -> JobRecord:
     try:
         record = RunRecord.read(metrics_file)
     except RecordError as exc:
-        return JobRecord(directory, sweep, num, "failed", f"unreadable metrics.json: {exc}", choices, overrides,
-                         config)
+        return JobRecord(directory, sweep, num, "failed", f"unreadable metrics.json: {exc}", choices, overrides, config)
     status, error = record.status, record.error
     if status == "running":
         error = (
-            error
-            or "metrics.json still says running: the job is running or was killed (SIGKILL, OOM, node failure)"
+            error or "metrics.json still says running: the job is running or was killed (SIGKILL, OOM, node failure)"
         )
     metrics = record.metrics
     return JobRecord(
@@ -307,24 +343,14 @@ def collect_jobs(*sweep_dirs: str | Path) -> list[JobRecord]:
         found = [read_job(d, sweep) for d in _job_dirs(sweep)]
         expected = expected_overrides(sweep)
         if expected is not None:
-            for (
-                job
-            ) in found:  # a job re-run in place (hydra.mode=RUN) lost its num: the subdir has it
-                if (
-                    job.num is None
-                    and job.directory.parent == sweep
-                    and job.directory.name.isdigit()
-                ):
+            for job in found:  # a job re-run in place (hydra.mode=RUN) lost its num: the subdir has it
+                if job.num is None and job.directory.parent == sweep and job.directory.name.isdigit():
                     job.num = int(job.directory.name)
             nums = {j.num for j in found}
             base = OmegaConf.load(sweep / "multirun.yaml")
-            found += [
-                _missing_job(sweep, i, ov, base) for i, ov in enumerate(expected) if i not in nums
-            ]
+            found += [_missing_job(sweep, i, ov, base) for i, ov in enumerate(expected) if i not in nums]
             for job in found:
-                listed = (
-                    job.num is not None and job.num < len(expected) and job.directory is not None
-                )
+                listed = job.num is not None and job.num < len(expected) and job.directory is not None
                 if listed and parse_overrides(job.overrides) != parse_overrides(expected[job.num]):
                     log.warning(
                         "%s: overrides %s differ from the sweep's job %d %s",
@@ -334,17 +360,11 @@ def collect_jobs(*sweep_dirs: str | Path) -> list[JobRecord]:
                         expected[job.num],
                     )
         if not found:
-            raise FileNotFoundError(
-                f"{sweep}: no job directories (.hydra/ or metrics.json) and no multirun.yaml"
-            )
-        found.sort(
-            key=lambda j: (j.num is None, j.num if j.num is not None else 0, str(j.directory))
-        )
+            raise FileNotFoundError(f"{sweep}: no job directories (.hydra/ or metrics.json) and no multirun.yaml")
+        found.sort(key=lambda j: (j.num is None, j.num if j.num is not None else 0, str(j.directory)))
         jobs += found
     counts = {s: sum(j.status == s for j in jobs) for s in STATUSES}
-    log.info(
-        "collected %d jobs: %s", len(jobs), ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    )
+    log.info("collected %d jobs: %s", len(jobs), ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     return jobs
 
 
@@ -354,9 +374,7 @@ def pattern_label(pattern: Any, sparsity: Any) -> str:
         return f"{m.group(1)}:{m.group(2)}"
     if pattern == "unstructured" and isinstance(sparsity, (int, float)):
         return f"{100 * float(sparsity):.4g}%"
-    if isinstance(
-        pattern, int
-    ):  # YAML read an unquoted N:M as a base-60 number; app.run refuses it
+    if isinstance(pattern, int):  # YAML read an unquoted N:M as a base-60 number; app.run refuses it
         return f"{pattern} (unquoted N:M?)"
     return "?" if pattern is None else str(pattern)
 
@@ -396,12 +414,30 @@ def _text(value: Any) -> str:
     return "?" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _short_texts(values: list[Any]) -> dict[Any, str]:
+    """Printed forms of one key's floats: as written when short (``0.5``, ``1e-05``), else with the
+    fewest significant digits (>= 3) that keep the key's distinct values distinct."""
+    floats = sorted({v for v in values if isinstance(v, float)})
+    out: dict[Any, str] = {v: str(v) for v in floats}
+    for digits in range(3, 18):
+        texts = {v: str(v) if len(str(v)) <= 7 else f"{v:.{digits}g}" for v in floats}
+        if len(set(texts.values())) == len(floats):
+            out.update(texts)
+            break
+    return out
+
+
 def describe_jobs(jobs: list[JobRecord]) -> list[JobLabel]:
     """Label every job (same order); the variant keys are decided over the whole collection."""
     keys: list[str] = []
     for job in jobs:
         keys += [k for k in parse_overrides(job.overrides) if _is_variant_key(k) and k not in keys]
     varying = [k for k in keys if len({_text(j.value(k)) for j in jobs}) > 1]
+    short = {k: _short_texts([j.value(k) for j in jobs]) for k in varying}
+
+    def text(key: str, value: Any) -> str:
+        return short[key].get(value, _text(value)) if isinstance(value, float) else _text(value)
+
     labels = []
     for job in jobs:
         sds = job.choices.get("sds", "?")
@@ -421,10 +457,15 @@ def describe_jobs(jobs: list[JobRecord]) -> list[JobLabel]:
                 sds=sds,
                 baseline=not redense,
                 seed=job.value("seed"),
-                variant=tuple((k, _text(job.value(k))) for k in varying),
+                variant=tuple((k, text(k, job.value(k))) for k in varying),
             )
         )
     return labels
+
+
+def _calibration(job: JobRecord) -> str:
+    nsamples, seqlen = job.value("data.nsamples"), job.value("data.seqlen")
+    return f"{job.choices.get('data', '?')} {_text(nsamples)}x{_text(seqlen)}"
 
 
 def write_jobs_csv(jobs: list[JobRecord], path: str | Path, metrics: list[str]) -> Path:
@@ -445,6 +486,9 @@ def write_jobs_csv(jobs: list[JobRecord], path: str | Path, metrics: list[str]) 
         "seed",
         "variant",
         "overrides",
+        "eval_seqlen",
+        "calibration",
+        "dtype",
         *metrics,
     ]
     with path.open("w", newline="", encoding="utf-8") as fh:
@@ -465,6 +509,9 @@ def write_jobs_csv(jobs: list[JobRecord], path: str | Path, metrics: list[str]) 
                     _text(lab.seed),
                     ";".join(f"{k}={v}" for k, v in lab.variant),
                     " ".join(job.overrides),
+                    _text(job.value("benchmark.ppl.seqlen")),
+                    _calibration(job),
+                    _text(job.value("dtype")),
                     *(job.metrics.get(m, "") for m in metrics),
                 ]
             )

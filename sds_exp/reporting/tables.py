@@ -13,6 +13,16 @@ Where the rows come from:
 - Failed, incomplete (``running``: killed or still going) and missing jobs print as FAILED /
   INCOMPLETE / MISSING in their cells, and are listed under the table with their error and
   directory.
+
+Every table states its protocol (:class:`Protocol`): the perplexity dataset, the evaluation window
+length and number of windows, the calibration set (source, nsamples x seqlen), the dtype and, for
+zero-shot columns, the tasks, shots and example limit, read from each job's resolved config and
+``metrics.json``. Settings shared by all jobs are stated once (Markdown notes, LaTeX caption); a
+setting that differs only between models (the window count of another tokenizer) is stated per
+model; one that differs within a model gets a ``Protocol`` column, per row, so rows measured
+differently are never silently set side by side. Markdown and LaTeX leave out columns without a
+single number (paper and Δ where the paper gives nothing, a metric a model never measured); the
+CSV keeps every column, for scripts.
 """
 
 from __future__ import annotations
@@ -26,13 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sds_exp.reporting.collect import JobLabel, acts_after_prune, JobRecord, describe_jobs
+from sds_exp.reporting.collect import JobLabel, JobRecord, acts_after_prune, describe_jobs, optimization_results
 from sds_exp.reporting.paper import PaperNumber, find_paper_number
 
 __all__ = [
     "Metric",
     "Cell",
     "Row",
+    "Protocol",
+    "PROTOCOL_FIELDS",
+    "job_protocol",
+    "dataset_name",
     "Table",
     "build_table",
     "to_markdown",
@@ -45,6 +59,58 @@ log = logging.getLogger(__name__)
 
 # Worst first: the word a cell shows when none of its jobs gave a number.
 _STATUS_WORDS = {"failed": "FAILED", "killed": "KILLED", "running": "INCOMPLETE", "missing": "MISSING"}
+# Printed cells that carry no number and no status: a column of only these is left out.
+_EMPTY_TEXTS = {"n/a", "—", "not run", ""}
+# The protocol settings a table states, in this order (see job_protocol).
+PROTOCOL_FIELDS = ("eval seqlen", "windows", "calibration", "dtype", "0-shot tasks", "0-shot shots", "0-shot limit")
+
+
+def dataset_name(dataset: str) -> str:
+    """How a perplexity dataset is named in captions and axis labels (``WikiText2 test``)."""
+    from sds_exp.evaluation.perplexity import DATASET_NAMES
+
+    return DATASET_NAMES.get(dataset, dataset)
+
+
+def _proto_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def job_protocol(job: JobRecord, key: str, dense: bool = False) -> dict[str, str]:
+    """How the number ``job.metrics[key]`` (``final/wikitext2/ppl``) was measured: field -> text.
+
+    Fields (:data:`PROTOCOL_FIELDS`; unknown ones are left out): for perplexity ``eval seqlen``
+    (``benchmark.ppl.seqlen``) and ``windows`` (``<stage>/<dataset>/windows`` in metrics.json, so
+    ``max_windows`` and per-stage limits show); for zero-shot the tasks, shots and example limit;
+    ``calibration`` (``<data option> <nsamples> × <seqlen>``; not for ``dense``, which uses none) and
+    ``dtype``.
+    """
+    stage, _, name = key.partition("/")
+    raw: dict[str, Any] = {}
+    if name.endswith("/ppl"):
+        raw["eval seqlen"] = job.value("benchmark.ppl.seqlen")
+        raw["windows"] = job.metrics.get(f"{stage}/{name[: -len('/ppl')]}/windows")
+    elif name.startswith("zeroshot/"):
+        tasks = job.value("benchmark.zeroshot.tasks")
+        raw["0-shot tasks"] = tasks
+        raw["0-shot shots"] = job.value("benchmark.zeroshot.num_fewshot")
+        if tasks is not None:
+            raw["0-shot limit"] = job.value("benchmark.zeroshot.limit") or "all examples"
+    if not dense:
+        source, nsamples, seqlen = job.choices.get("data"), job.value("data.nsamples"), job.value("data.seqlen")
+        if nsamples is not None or seqlen is not None:
+            raw["calibration"] = f"{source or '?'} {_proto_text(nsamples) or '?'} × {_proto_text(seqlen) or '?'}"
+        elif source is not None:
+            path = job.value("data.path")
+            raw["calibration"] = f"{source} ({Path(str(path)).name})" if path else source
+    raw["dtype"] = job.value("dtype")
+    return {k: t for k, v in raw.items() if (t := _proto_text(v)) is not None}
 
 
 @dataclass(frozen=True)
@@ -67,6 +133,7 @@ class Cell:
     scale: float = 1.0
     derived: bool = False  # a baseline read from the prune stage of SDS jobs
     spread: tuple[float, float] | None = None  # dense only: (min, max) when jobs disagree
+    protocols: list[dict[str, str]] = field(default_factory=list)  # job_protocol of each job behind a value
 
     @property
     def ok(self) -> int:
@@ -91,11 +158,7 @@ class Cell:
     @property
     def delta(self) -> float | None:
         """Ours - paper, printed units."""
-        return (
-            self.mean - self.paper.value
-            if self.mean is not None and self.paper is not None
-            else None
-        )
+        return self.mean - self.paper.value if self.mean is not None and self.paper is not None else None
 
     @property
     def problem(self) -> str | None:
@@ -126,9 +189,7 @@ class Row:
     @property
     def label(self) -> str:
         """Method plus variant, as printed."""
-        return self.method + (
-            " [" + ", ".join(f"{k}={v}" for k, v in self.variant) + "]" if self.variant else ""
-        )
+        return self.method + (" [" + ", ".join(f"{k}={v}" for k, v in self.variant) + "]" if self.variant else "")
 
 
 @dataclass
@@ -142,6 +203,8 @@ class Table:
     jobs: list[JobRecord]
     stage: str
     notes: list[str] = field(default_factory=list)
+    dataset: str = "wikitext2"
+    protocol: Protocol | None = None
 
     @property
     def problems(self) -> list[JobRecord]:
@@ -149,9 +212,101 @@ class Table:
         return [j for j in self.jobs if j.status != "completed"]
 
 
-def _display_names(
-    jobs: list[JobRecord], key: str, fallback: Callable[[JobRecord], str | None]
-) -> dict[str, str]:
+def _distinct(protocols: list[dict[str, str]], name: str) -> list[str]:
+    return list(dict.fromkeys(p[name] for p in protocols if name in p))
+
+
+@dataclass
+class Protocol:
+    """How the table's numbers were measured, decided over all its cells (see the module docstring).
+
+    Attributes:
+        dataset: the perplexity dataset (``wikitext2``, ``wikitext2_val``, ``c4``).
+        common: field -> the one value of every job that reports it.
+        per_model: field -> {model: value}: one value per model, not the same for all.
+        per_row: fields whose value differs within a model: printed per row (``Protocol`` column).
+        unknown: fields no job recorded.
+    """
+
+    dataset: str
+    common: dict[str, str] = field(default_factory=dict)
+    per_model: dict[str, dict[str, str]] = field(default_factory=dict)
+    per_row: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rows: list[Row], models: list[str], dataset: str, fields: tuple[str, ...]) -> Protocol:
+        by_model: dict[str, list[dict[str, str]]] = {m: [] for m in models}
+        for row in rows:
+            for (model, _), cell in row.cells.items():
+                by_model.setdefault(model, []).extend(cell.protocols)
+        every = [p for ps in by_model.values() for p in ps]
+        proto = cls(dataset)
+        for name in fields:
+            values = _distinct(every, name)
+            if not values:
+                proto.unknown.append(name)
+            elif len(values) == 1:
+                proto.common[name] = values[0]
+            elif all(len(_distinct(ps, name)) <= 1 for ps in by_model.values()):
+                proto.per_model[name] = {m: v[0] for m, ps in by_model.items() if (v := _distinct(ps, name))}
+            else:
+                proto.per_row.append(name)
+        return proto
+
+    def sentence(self, model_names: dict[str, str] | None = None) -> str:
+        """``Protocol: perplexity on WikiText2 test (`wikitext2`), windows of 2048 tokens, 148 windows; ...``."""
+        names = model_names or {}
+        head = f"perplexity on {dataset_name(self.dataset)} (`{self.dataset}`)"
+        done: set[str] = set()
+        if "eval seqlen" in self.common and "windows" in self.common:
+            head += f", {self.common['windows']} non-overlapping windows of {self.common['eval seqlen']} tokens"
+            done = {"eval seqlen", "windows"}
+        elif "eval seqlen" in self.common:
+            head += f", non-overlapping windows of {self.common['eval seqlen']} tokens"
+            done = {"eval seqlen"}
+        else:
+            head += ", non-overlapping windows"
+        parts = [head]
+        for name in PROTOCOL_FIELDS:
+            if name in done:
+                continue
+            if name in self.common:
+                parts.append(_field_text(name, self.common[name]))
+            elif name in self.per_model:
+                parts.append(
+                    ", ".join(f"{_field_text(name, v)} ({names.get(m, m)})" for m, v in self.per_model[name].items())
+                )
+        if self.per_row:
+            parts.append(f"differing between rows, see the Protocol column: {', '.join(self.per_row)}")
+        if self.unknown:
+            parts.append(f"not recorded: {', '.join(self.unknown)}")
+        return "Protocol: " + "; ".join(parts) + "."
+
+    def row_text(self, row: Row) -> str:
+        """The row's values of the :attr:`per_row` fields (``eval seqlen 256; 2 windows``)."""
+        protocols = [p for c in row.cells.values() for p in c.protocols]
+        parts = []
+        for name in self.per_row:
+            values = _distinct(protocols, name)
+            if values:
+                parts.append(_field_text(name, "/".join(values)))
+        return "; ".join(parts)
+
+
+def _field_text(name: str, value: str) -> str:
+    return {
+        "eval seqlen": f"windows of {value} tokens",
+        "windows": f"{value} windows",
+        "calibration": f"calibration {value}",
+        "dtype": f"dtype {value}",
+        "0-shot tasks": f"0-shot tasks {value}",
+        "0-shot shots": f"{value} few-shot examples",
+        "0-shot limit": f"0-shot: {value} of each task" if value == "all examples" else f"0-shot limit {value}",
+    }.get(name, f"{name} {value}")
+
+
+def _display_names(jobs: list[JobRecord], key: str, fallback: Callable[[JobRecord], str | None]) -> dict[str, str]:
     names: dict[str, str] = {}
     for job in jobs:
         choice = job.choices.get(key)
@@ -185,11 +340,10 @@ def _fill(
             continue
         if key in job.metrics and math.isfinite(job.metrics[key]):
             by_seed.setdefault(str(lab.seed), []).append(job.metrics[key])
+            cell.protocols.append(job_protocol(job, key))
     for seed, vals in by_seed.items():
         if len(vals) > 1:
-            log.warning(
-                "%s: %d jobs with seed %s; averaging them as one sample", key, len(vals), seed
-            )
+            log.warning("%s: %d jobs with seed %s; averaging them as one sample", key, len(vals), seed)
     cell.values = [statistics.fmean(v) for v in by_seed.values()]
 
 
@@ -205,7 +359,7 @@ def build_table(
     Args:
         jobs: from :func:`sds_exp.reporting.collect.collect_jobs`.
         paper: from :func:`sds_exp.reporting.paper.load_paper_numbers` ([] for none).
-        ppl_dataset: which perplexity (``wikitext2`` or ``c4``).
+        ppl_dataset: which perplexity (``wikitext2``, ``wikitext2_val`` or ``c4``).
         zeroshot_metric: the suite average of ``acc`` or ``acc_norm``.
         stage: the stage read for baseline and SDS rows (``final`` = the last stage each job ran).
 
@@ -214,7 +368,7 @@ def build_table(
     """
     labels = describe_jobs(jobs)
     pairs = list(zip(jobs, labels, strict=True))
-    metrics = [Metric(f"{ppl_dataset}/ppl", "ppl")]
+    metrics = [Metric(f"{ppl_dataset}/ppl", "ppl" if ppl_dataset == "wikitext2" else f"{ppl_dataset} ppl")]
     zs_name = f"zeroshot/average/{zeroshot_metric}"
     if any(k.endswith("/" + zs_name) for j in jobs for k in j.metrics) or any(
         j.value("benchmark.zeroshot") not in (None, "None") for j in jobs
@@ -239,9 +393,9 @@ def build_table(
     has_baseline = {(lab.model, lab.pattern, lab.pruner) for lab in labels if lab.baseline}
     members: dict[tuple, list[tuple[JobRecord, JobLabel, bool]]] = {}
     for job, lab in pairs:
-        members.setdefault(
-            (lab.pattern, lab.pruner, not lab.baseline, method(lab), lab.variant), []
-        ).append((job, lab, False))
+        members.setdefault((lab.pattern, lab.pruner, not lab.baseline, method(lab), lab.variant), []).append(
+            (job, lab, False)
+        )
         if not lab.baseline and (lab.model, lab.pattern, lab.pruner) not in has_baseline:
             variant = tuple((k, v) for k, v in lab.variant if not acts_after_prune(k))
             key = (
@@ -278,20 +432,18 @@ def build_table(
             for metric in metrics:
                 cell = Cell(scale=metric.scale, derived=derived)
                 if derived:
-                    _fill(
-                        cell, in_model, f"prune/{metric.name}", lambda j: "prune" in j.stages_done
-                    )
+                    _fill(cell, in_model, f"prune/{metric.name}", lambda j: "prune" in j.stages_done)
                 else:
-                    _fill(
-                        cell, in_model, f"{stage}/{metric.name}", lambda j: j.status == "completed"
-                    )
+                    _fill(cell, in_model, f"{stage}/{metric.name}", lambda j: j.status == "completed")
                 cell.paper = find_paper_number(
                     paper, model, pattern, label, metric.name, [j.value for j, _, _ in in_model]
                 )
                 row.cells[(model, metric.name)] = cell
         rows.append(row)
 
-    table = Table(models, model_names, metrics, rows, jobs, stage)
+    table = Table(models, model_names, metrics, rows, jobs, stage, dataset=ppl_dataset)
+    fields = tuple(f for f in PROTOCOL_FIELDS if len(metrics) > 1 or not f.startswith("0-shot"))
+    table.protocol = Protocol.of(rows, models, ppl_dataset, fields)
     table.notes = _notes(table)
     return table
 
@@ -304,26 +456,24 @@ def _dense_row(pairs, models, metrics, paper) -> Row:
         for metric in metrics:
             cell = Cell(scale=metric.scale)
             cell.jobs = [j for j, _ in in_model]
-            vals = [
-                j.metrics[f"dense/{metric.name}"]
-                for j, _ in in_model
-                if "dense" in j.stages_done and f"dense/{metric.name}" in j.metrics
-            ]
+            key = f"dense/{metric.name}"
+            given = [j for j, _ in in_model if "dense" in j.stages_done and key in j.metrics]
+            vals = [j.metrics[key] for j in given]
+            cell.protocols = [job_protocol(j, key, dense=True) for j in given]
             if vals:  # one number, not a spread: the dense evaluation is deterministic
                 cell.values = [statistics.median(vals)]
                 if max(vals) - min(vals) > 1e-6 * max(abs(v) for v in vals):
                     cell.spread = (min(vals) * metric.scale, max(vals) * metric.scale)
             elif not any("dense" in j.stages_done for j in cell.jobs):
                 cell.unusable = [j.status for j in cell.jobs]
-            cell.paper = find_paper_number(
-                paper, model, "", "Dense", metric.name, [j.value for j in cell.jobs]
-            )
+            cell.paper = find_paper_number(paper, model, "", "Dense", metric.name, [j.value for j in cell.jobs])
             row.cells[(model, metric.name)] = cell
     return row
 
 
 def _notes(table: Table) -> list[str]:
-    notes = [f"Rows: the `{table.stage}` stage of each job; Dense: the `dense` stage."]
+    notes = [table.protocol.sentence(table.model_names)] if table.protocol is not None else []
+    notes.append(f"Rows: the `{table.stage}` stage of each job; Dense: the `dense` stage.")
     if any(r.derived for r in table.rows):
         notes.append(
             "†: a baseline read from the `prune` stage of the SDS jobs (the same one-shot prune, "
@@ -338,26 +488,29 @@ def _notes(table: Table) -> list[str]:
                 f"({cell.spread[0]:.2f} to {cell.spread[1]:.2f}): they did not evaluate alike "
                 "(see jobs.csv); the median is shown."
             )
+    header, body, owner = _columns(table)
     if any(m.scale != 1.0 for m in table.metrics):
-        notes.append("0-shot: the suite's unweighted task average, in %; Δ in points.")
+        notes.append("0-shot: the suite's unweighted task average, in %" + ("; Δ in points." if "Δ" in header else "."))
     seeds = {c.n for r in table.rows for c in r.cells.values()}
     if max(seeds, default=0) > 1:
+        notes.append(f"Mean ± sample std over seeds where a configuration ran several (up to {max(seeds)}).")
+    if "paper" in header:
         notes.append(
-            f"Mean ± sample std over seeds where a configuration ran several (up to {max(seeds)})."
+            "paper: published numbers (sds_exp/reporting/paper_numbers.csv); `*` = transcription "
+            "confidence below high; n/a = not given by the paper; Δ = ours - paper; paper and Δ columns "
+            "only where the paper gives a number."
         )
-    notes.append(
-        "paper: published numbers (sds_exp/reporting/paper_numbers.csv); `*` = transcription "
-        "confidence below high; n/a = not given by the paper; Δ = ours - paper."
-    )
-    if any(t == "—" for r in table.rows for c in r.cells.values() for t in _texts(c)):
+    if any(t == "—" for line in body for t, o in zip(line, owner, strict=True) if o is not None):
         notes.append("— = no number although the job(s) finished: not measured at that stage.")
+    for sweep in dict.fromkeys(j.sweep for j in table.jobs if j.sweep is not None):
+        best = optimization_results(sweep)
+        if best and isinstance(best.get("best_value"), (int, float)):
+            params = ", ".join(f"{k}={v}" for k, v in (best.get("best_params") or {}).items())
+            notes.append(f"Optuna best of {sweep.name}: {best['best_value']:.6g} at {params or '?'}.")
     counts = {
-        s: sum(j.status == s for j in table.jobs)
-        for s in ("completed", "failed", "killed", "running", "missing")
+        s: sum(j.status == s for j in table.jobs) for s in ("completed", "failed", "killed", "running", "missing")
     }
-    notes.append(
-        f"Jobs: {len(table.jobs)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})."
-    )
+    notes.append(f"Jobs: {len(table.jobs)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}).")
     return notes
 
 
@@ -372,37 +525,46 @@ def _texts(cell: Cell | None) -> tuple[str, str, str]:
     if cell is None:  # no job of this model in this row
         return "not run", "n/a", "n/a"
     paper = (
-        "n/a"
-        if cell.paper is None
-        else f"{cell.paper.value:.2f}" + ("" if cell.paper.confidence == "high" else "*")
+        "n/a" if cell.paper is None else f"{cell.paper.value:.2f}" + ("" if cell.paper.confidence == "high" else "*")
     )
     problem = cell.problem
     if cell.mean is None:
         ours = problem or "—"
         return ours, paper, ("n/a" if cell.paper is None else "—")
-    ours = (
-        _num(cell.mean)
-        + ("†" if cell.derived else "")
-        + (f" ± {_num(cell.std)}" if cell.std is not None else "")
-    )
+    ours = _num(cell.mean) + ("†" if cell.derived else "") + (f" ± {_num(cell.std)}" if cell.std is not None else "")
     if problem:
         ours += f" [{cell.ok}/{len(cell.jobs)} ok, {problem}]"
     return ours, paper, ("n/a" if cell.paper is None else _num(cell.delta, signed=True))
 
 
-def _grid(table: Table) -> tuple[list[str], list[list[str]]]:
-    header = ["Sparsity", "Method"]
+def _columns(table: Table) -> tuple[list[str], list[list[str]], list[str | None]]:
+    """Header, body and each column's model (None for the leading label columns), all-empty columns dropped.
+
+    A column none of whose cells holds a number or a status word (only n/a, — or "not run": a paper
+    column the paper never fills, a metric a model never measured) is left out.
+    """
+    protocol = table.protocol
+    lead = ["Sparsity", "Method"] + (["Protocol"] if protocol is not None and protocol.per_row else [])
+    header, owner = list(lead), [None] * len(lead)
     for model in table.models:
         name = table.model_names.get(model, model)
         for metric in table.metrics:
             header += [f"{name} {metric.label}", "paper", "Δ"]
+            owner += [model] * 3
     body = []
     for row in table.rows:
-        line = [row.pattern or "0%", row.label]
+        line = [row.pattern or "0%", row.label] + ([protocol.row_text(row)] if len(lead) > 2 else [])
         for model in table.models:
             for metric in table.metrics:
                 line += list(_texts(row.cells.get((model, metric.name))))
         body.append(line)
+    keep = [i < len(lead) or any(line[i] not in _EMPTY_TEXTS for line in body) for i in range(len(header))]
+    pick = lambda xs: [x for x, k in zip(xs, keep, strict=True) if k]  # noqa: E731
+    return pick(header), [pick(line) for line in body], pick(owner)
+
+
+def _grid(table: Table) -> tuple[list[str], list[list[str]]]:
+    header, body, _ = _columns(table)
     return header, body
 
 
@@ -421,12 +583,12 @@ def _problem_lines(table: Table) -> list[list[str]]:
 
 def to_markdown(table: Table, title: str | None = None) -> str:
     """The table, its notes, and the list of failed/incomplete/missing jobs, as Markdown."""
-    header, body = _grid(table)
+    header, body, owner = _columns(table)
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = [f"### {title}", ""] if title else []
     lines += [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+        "|" + "|".join("---" if o is None else "---:" for o in owner) + "|",
     ]
     lines += ["| " + " | ".join(esc(c) for c in line) + " |" for line in body]
     lines += [""] + [f"- {n}" for n in table.notes]
@@ -448,10 +610,7 @@ def to_csv(table: Table, path: str | Path) -> Path:
     header = ["pattern", "method", "variant", "baseline_source"]
     for model in table.models:
         for metric in table.metrics:
-            header += [
-                f"{model}:{metric.name}:{q}"
-                for q in ("mean", "std", "n", "status", "paper", "delta")
-            ]
+            header += [f"{model}:{metric.name}:{q}" for q in ("mean", "std", "n", "status", "paper", "delta")]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
@@ -514,38 +673,44 @@ def _latex(text: str) -> str:
         .replace("Δ", r"$\Delta$")
         .replace("—", "--")
         .replace("*", r"$^*$")
+        .replace("×", r"$\times$")
     )
 
 
-def to_latex(table: Table, caption: str | None = None) -> str:
-    r"""A booktabs table (needs ``\usepackage{booktabs}``): one column group per model."""
-    _, body = _grid(table)
-    per_model = 3 * len(table.metrics)
-    cols = "ll" + "".join("|" + "r" * per_model for _ in table.models)
+def to_latex(table: Table, caption: str | None = None, label: str | None = None) -> str:
+    r"""A booktabs table: no vertical rules, no ``\resizebox``; one column group per model.
+
+    Needs ``\usepackage{booktabs}`` only. The caption (above the table) is ``caption``, the protocol
+    sentence and the notes; the jobs without a result follow ``\end{table}`` as ``%`` comments.
+    """
+    header, body, owner = _columns(table)
+    lead = owner.count(None)
+    groups = [(m, owner.count(m)) for m in table.models if owner.count(m)]
+    cols = "l" * lead + "r" * (len(header) - lead)
+    caption_text = (caption + ". " if caption else "") + " ".join(table.notes)
     lines = [
+        r"% needs \usepackage{booktabs}",
         r"\begin{table}[t]",
         r"\centering",
         r"\small",
-        r"\resizebox{\linewidth}{!}{%",
-        rf"\begin{{tabular}}{{{cols}}}",
-        r"\toprule",
+        rf"\caption{{{_latex(caption_text.replace('`', ''))}}}",
     ]
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines += [rf"\begin{{tabular}}{{{cols}}}", r"\toprule"]
     lines.append(
-        " & & "
-        + " & ".join(
-            rf"\multicolumn{{{per_model}}}{{c}}{{{_latex(table.model_names.get(m, m))}}}"
-            for m in table.models
-        )
+        " & " * lead
+        + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex(table.model_names.get(m, m))}}}" for m, n in groups)
         + r" \\"
     )
-    lines.append(
-        " ".join(
-            rf"\cmidrule(lr){{{3 + i * per_model}-{2 + (i + 1) * per_model}}}"
-            for i in range(len(table.models))
-        )
-    )
-    sub = [x for metric in table.metrics for x in (metric.label, "paper", "Δ")] * len(table.models)
-    lines.append(" & ".join(["Sparsity", "Method", *map(_latex, sub)]) + r" \\")
+    rules, start = [], lead + 1
+    for _, n in groups:
+        rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    lines.append(" ".join(rules))
+    name_of = {table.model_names.get(m, m) + " " for m in table.models}
+    sub = [next((h[len(p) :] for p in name_of if h.startswith(p)), h) for h in header[lead:]]
+    lines.append(" & ".join([*header[:lead], *map(_latex, sub)]) + r" \\")
     lines.append(r"\midrule")
     previous = None
     for row, line in zip(table.rows, body, strict=True):
@@ -554,10 +719,7 @@ def to_latex(table: Table, caption: str | None = None) -> str:
         first = line[0] if row.pattern != previous else ""
         previous = row.pattern
         lines.append(" & ".join(_latex(c) for c in [first, *line[1:]]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}"]
-    caption_text = (caption + ". " if caption else "") + " ".join(table.notes)
-    lines.append(rf"\caption{{{_latex(caption_text.replace('`', ''))}}}")
-    lines.append(r"\end{table}")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     for job in _problem_lines(table):  # kept out of the typeset table, but in the file
         lines.append("% " + " | ".join(job))
     return "\n".join(lines) + "\n"
@@ -578,9 +740,8 @@ def write_table(table: Table, out_dir: str | Path, title: str | None = None) -> 
     paths["md"].write_text(to_markdown(table, title), encoding="utf-8")
     to_csv(table, paths["csv"])
     paths["tex"].write_text(to_latex(table, title), encoding="utf-8")
-    stage_metrics = [
-        f"{s}/{m.name}" for s in ("dense", "prune", table.stage) for m in table.metrics
-    ]
+    stage_metrics = [f"{s}/{m.name}" for s in ("dense", "prune", table.stage) for m in table.metrics]
+    stage_metrics += [f"{s}/{table.dataset}/windows" for s in ("dense", "prune", table.stage)]
     write_jobs_csv(table.jobs, paths["jobs"], list(dict.fromkeys(stage_metrics)))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

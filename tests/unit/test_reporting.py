@@ -53,30 +53,35 @@ def job_settings(overrides: list[str]) -> dict:
         "sparsity": 0.5,
         "pattern": "unstructured",
         "sds.inputs": "sparse",
+        "dtype": "float32",
+        "data.nsamples": 128,
+        "benchmark.ppl.seqlen": 2048,
     }
     s.update(parse_overrides(overrides))
     return s
 
 
 def resolved_config(s: dict) -> dict:
-    zeroshot = (
-        {"tasks": ["copa", "piqa"], "stages": ["dense", "final"]}
-        if s["benchmark"] == "paper"
-        else None
-    )
+    zeroshot = {"tasks": ["copa", "piqa"], "stages": ["dense", "final"]} if s["benchmark"] == "paper" else None
     return {
         "seed": s["seed"],
         "sparsity": s["sparsity"],
         "pattern": s["pattern"],
         "device": "cpu",
+        "dtype": s["dtype"],
+        "data": {"_target_": "sds_exp.data.calibration.c4", "nsamples": s["data.nsamples"], "seqlen": 2048},
         "model": {
             "_target_": "sds_exp.models.loading.load_pretrained",
             "name_or_path": MODELS[s["model"]],
         },
         "pruner": {"_target_": PRUNERS[s["pruner"]]},
-        "regularizer": {} if s["regularizer"] == "none" else {"l1": {"lam": 0.1}},
-        "sds": {"redense": s["sds"] != "prune_only", "inputs": s["sds.inputs"]},
-        "benchmark": {"ppl": {"datasets": ["wikitext2"], "seqlen": 2048}, "zeroshot": zeroshot},
+        "regularizer": {} if s["regularizer"] == "none" else {"l1": {"lam": s.get("regularizer.l1.lam", 0.1)}},
+        "sds": {
+            "redense": s["sds"] != "prune_only",
+            "inputs": s["sds.inputs"],
+            "adjustment": {"damp": s.get("sds.adjustment.damp", 1.0)},
+        },
+        "benchmark": {"ppl": {"datasets": ["wikitext2"], "seqlen": s["benchmark.ppl.seqlen"]}, "zeroshot": zeroshot},
     }
 
 
@@ -114,9 +119,7 @@ def write_job(job: Path, num: int | None, overrides: list[str], result) -> None:
     (job / "metrics.json").write_text(json.dumps(state))
 
 
-def write_sweep(
-    root: Path, params: dict[str, str], task: list[str], grid: list[list[str]], outcome
-) -> Path:
+def write_sweep(root: Path, params: dict[str, str], task: list[str], grid: list[list[str]], outcome) -> Path:
     """A sweep dir as Hydra writes it.
 
     ``outcome(num, settings)`` returns "nodir", "nometrics", or the metrics.json content.
@@ -126,11 +129,7 @@ def write_sweep(
         "seed": 0,
         "sparsity": 0.5,
         "pattern": "unstructured",
-        **{
-            k: v
-            for k, v in resolved_config(job_settings([])).items()
-            if k not in ("seed", "sparsity", "pattern")
-        },
+        **{k: v for k, v in resolved_config(job_settings([])).items() if k not in ("seed", "sparsity", "pattern")},
     }
     OmegaConf.save(
         OmegaConf.create(
@@ -165,12 +164,14 @@ def grid_of(*axes: tuple[str, list[str]]) -> list[list[str]]:
 
 
 def stage_metrics(
-    stages: list[str], ppl: dict[str, float], zs: dict[str, float] | None = None
+    stages: list[str], ppl: dict[str, float], zs: dict[str, float] | None = None, windows: int = 140
 ) -> dict:
     m = {f"{st}/wikitext2/ppl": ppl[st] for st in stages if st in ppl}
+    m.update({f"{st}/wikitext2/windows": float(windows) for st in stages if st in ppl})
     m.update({f"{st}/zeroshot/average/acc": v for st, v in (zs or {}).items()})
     if stages:
         m["final/wikitext2/ppl"] = ppl[stages[-1]]
+        m["final/wikitext2/windows"] = float(windows)
     return {"metrics": m, "stages_done": stages}
 
 
@@ -205,25 +206,15 @@ def opt_outcome(num: int, s: dict):
     if key == ("opt350m", "wanda", "prune_only"):
         return "nodir" if seed == 0 else "nometrics"  # never launched / died before app.run
     dense_ppl, dense_zs = DENSE[s["model"]]
-    stages = (
-        ["dense", "prune"]
-        if s["sds"] == "prune_only"
-        else ["dense", "prune", "reactivate", "reprune", "adjust"]
-    )
+    stages = ["dense", "prune"] if s["sds"] == "prune_only" else ["dense", "prune", "reactivate", "reprune", "adjust"]
     ppl = {"dense": dense_ppl, "prune": PPL[key][seed] + 9, stages[-1]: PPL[key][seed]}
     zs = {"dense": dense_zs, "final": ZS[key][seed]}
-    if (
-        key == ("opt125m", "sparsegpt", "default") and seed == 1
-    ):  # killed in reactivate: no "final"
-        out = stage_metrics(
-            ["dense", "prune"], {"dense": dense_ppl, "prune": 70.0}, {"dense": dense_zs}
-        )
+    if key == ("opt125m", "sparsegpt", "default") and seed == 1:  # killed in reactivate: no "final"
+        out = stage_metrics(["dense", "prune"], {"dense": dense_ppl, "prune": 70.0}, {"dense": dense_zs})
         out["metrics"].pop("final/wikitext2/ppl")
         return {**out, "status": "running"}
     if key == ("opt350m", "wanda", "default") and seed == 1:
-        out = stage_metrics(
-            ["dense", "prune"], {"dense": dense_ppl, "prune": 45.0}, {"dense": dense_zs}
-        )
+        out = stage_metrics(["dense", "prune"], {"dense": dense_ppl, "prune": 45.0}, {"dense": dense_zs})
         out["metrics"].pop("final/wikitext2/ppl")
         return {**out, "status": "failed", "error": "RuntimeError: CUDA out of memory"}
     return stage_metrics(stages, ppl, zs)
@@ -250,27 +241,28 @@ def markdown_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines[:end]]
 
 
+# OPT-350M has no published number: its paper and Δ columns (all n/a) are left out.
 # fmt: off
 EXPECTED_OPT_TABLE = [
     ["Sparsity", "Method",
      "OPT-125M ppl", "paper", "Δ", "OPT-125M 0-shot acc %", "paper", "Δ",
-     "OPT-350M ppl", "paper", "Δ", "OPT-350M 0-shot acc %", "paper", "Δ"],
+     "OPT-350M ppl", "OPT-350M 0-shot acc %"],
     ["0%", "Dense",
      "27.66", "27.66", "+0.00", "52.00", "n/a", "n/a",
-     "22.00", "n/a", "n/a", "55.00", "n/a", "n/a"],
+     "22.00", "55.00"],
     ["2:4", "SparseGPT",
      "60.50 ± 0.71", "60.43", "+0.07", "47.50 ± 0.71", "47.56*", "-0.06",
-     "35.50 ± 0.71", "n/a", "n/a", "50.50 ± 0.71", "n/a", "n/a"],
+     "35.50 ± 0.71", "50.50 ± 0.71"],
     ["2:4", "SDS-SparseGPT",
      "51.00 [1/2 ok, INCOMPLETE]", "51.30", "-0.30",
      "50.00 [1/2 ok, INCOMPLETE]", "49.61*", "+0.39",
-     "30.50 ± 0.71", "n/a", "n/a", "52.50 ± 0.71", "n/a", "n/a"],
+     "30.50 ± 0.71", "52.50 ± 0.71"],
     ["2:4", "Wanda",
      "82.50 ± 0.71", "82.47", "+0.03", "44.50 ± 0.71", "n/a", "n/a",
-     "MISSING", "n/a", "n/a", "MISSING", "n/a", "n/a"],
+     "MISSING", "MISSING"],
     ["2:4", "SDS-Wanda",
      "59.50 ± 0.71", "59.17", "+0.33", "46.50 ± 0.71", "n/a", "n/a",
-     "33.00 [1/2 ok, FAILED]", "n/a", "n/a", "49.00 [1/2 ok, FAILED]", "n/a", "n/a"],
+     "33.00 [1/2 ok, FAILED]", "49.00 [1/2 ok, FAILED]"],
 ]
 # fmt: on
 
@@ -338,9 +330,7 @@ def test_paper_cells_follow_conditions(tmp_path):
     # the zero-shot number needs the paper's suite
     paper = load_paper_numbers()
     zs = [n for n in paper if n.metric == "zeroshot/average/acc" and n.method == "SparseGPT"][0]
-    assert zs.holds_for({"benchmark": "paper"}.get) and zs.holds_for(
-        {"benchmark": "zeroshot_sds7"}.get
-    )
+    assert zs.holds_for({"benchmark": "paper"}.get) and zs.holds_for({"benchmark": "zeroshot_sds7"}.get)
     assert not zs.holds_for({"benchmark": "zeroshot_wanda7"}.get)
 
 
@@ -372,22 +362,18 @@ def test_csv_and_latex(opt_sweep, tmp_path):
     assert rows["SDS-Wanda"]["opt350m:wikitext2/ppl:n"] == "1"
     assert rows["Wanda"]["opt350m:wikitext2/ppl:status"] == "MISSING"
     assert rows["Wanda"]["opt350m:wikitext2/ppl:paper"] == "n/a"
-    assert float(rows["SparseGPT"]["opt125m:wikitext2/ppl:std"]) == pytest.approx(
-        0.5**0.5, rel=1e-5
-    )
+    assert float(rows["SparseGPT"]["opt125m:wikitext2/ppl:std"]) == pytest.approx(0.5**0.5, rel=1e-5)
     assert float(rows["SparseGPT"]["opt125m:wikitext2/ppl:delta"]) == pytest.approx(0.07)
     assert rows["SparseGPT"]["baseline_source"] == "prune_only jobs"
     jobs = list(csv.DictReader(paths["jobs"].open()))
     assert [j["status"] for j in jobs].count("failed") == 1 and len(jobs) == 16
 
     tex = paths["tex"].read_text()
-    body = [
-        ln
-        for ln in tex.splitlines()
-        if ln.endswith(r"\\") and ("Dense" in ln or "GPT &" in ln or "Wanda &" in ln)
-    ]
-    assert len(body) == 5 and all(ln.count("&") == 13 for ln in body)  # 2 + 2 models x 6 columns
-    assert r"\multicolumn{6}{c}{OPT-125M}" in tex and r"0-shot acc \%" in tex and r"$\pm$" in tex
+    body = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and ("Dense" in ln or "GPT &" in ln or "Wanda &" in ln)]
+    assert len(body) == 5 and all(ln.count("&") == 9 for ln in body)  # 2 + OPT-125M 6 + OPT-350M 2 columns
+    assert r"\multicolumn{6}{c}{OPT-125M}" in tex and r"\multicolumn{2}{c}{OPT-350M}" in tex
+    assert r"\cmidrule(lr){3-8} \cmidrule(lr){9-10}" in tex
+    assert r"0-shot acc \%" in tex and r"$\pm$" in tex
     assert r"\toprule" in tex and r"\end{tabular}" in tex
     assert "% #15 | FAILED" in tex  # the failure list is kept in the file as comments
     assert paths["md"].read_text() == to_markdown(table, "OPT 2:4")
@@ -517,22 +503,25 @@ def test_directory_of_single_runs(tmp_path):
 
 def test_evaluation_only_overrides_do_not_split_rows(tmp_path):
     """A zero-shot suite or fewer windows on intermediate stages leave a job in its method's row."""
-    runs = (("sds_a", ["benchmark=paper", "benchmark.zeroshot.limit=100", "benchmark.ppl.max_windows=40"]),
-            ("sds_b", ["benchmark.ppl.stage_max_windows={reactivate: 8}", "benchmark.ppl.max_windows=40"]))
+    runs = (
+        ("sds_a", ["benchmark=paper", "benchmark.zeroshot.limit=100", "benchmark.ppl.max_windows=40"]),
+        ("sds_b", ["benchmark.ppl.stage_max_windows={reactivate: 8}", "benchmark.ppl.max_windows=40"]),
+    )
     for name, extra in runs:
         ov = ["pruner=wanda", "sds=default", 'pattern="2:4"', *extra]
-        write_job(tmp_path / "runs" / name, None, ov,
-                  stage_metrics(["dense", "prune", "adjust"], {"dense": 20.0, "prune": 50.0, "adjust": 40.0}))
+        write_job(
+            tmp_path / "runs" / name,
+            None,
+            ov,
+            stage_metrics(["dense", "prune", "adjust"], {"dense": 20.0, "prune": 50.0, "adjust": 40.0}),
+        )
     md = to_markdown(build_table(collect_jobs(tmp_path / "runs"), []))
     assert "| 2:4 | SDS-Wanda | 40.00 |" in md and "zeroshot" not in md.split("| job |")[0]
 
 
 def test_pattern_labels_and_errors(tmp_path):
     assert pattern_label("2:4", 0.5) == "2:4" and pattern_label(" 4 : 8", 0.5) == "4:8"
-    assert (
-        pattern_label("unstructured", 0.5) == "50%"
-        and pattern_label("unstructured", 0.625) == "62.5%"
-    )
+    assert pattern_label("unstructured", 0.5) == "50%" and pattern_label("unstructured", 0.625) == "62.5%"
     assert "unquoted" in pattern_label(124, 0.5)
     with pytest.raises(FileNotFoundError):
         collect_jobs(tmp_path / "absent")
@@ -551,10 +540,7 @@ def test_paper_numbers_file():
     assert all(n.source and n.confidence in ("high", "medium", "unstated") for n in numbers)
     assert all(n.unit == ("%" if n.metric.startswith("zeroshot") else "ppl") for n in numbers)
     header = PAPER_NUMBERS.read_text().splitlines()[0]
-    assert (
-        header
-        == "model,model_name,pattern,method,condition,metric,value,unit,confidence,source,note"
-    )
+    assert header == "model,model_name,pattern,method,condition,metric,value,unit,confidence,source,note"
 
 
 def test_stage_histograms_roundtrip_in_stage_order_and_only_for_their_layer(tmp_path):
@@ -571,3 +557,133 @@ def test_stage_histograms_roundtrip_in_stage_order_and_only_for_their_layer(tmp_
     assert torch.allclose(back["dense"], hist["dense"], rtol=1e-2)  # bf16
     assert load_histograms(path, "model.layers.1.q") == {}
     assert load_histograms(tmp_path / "missing.safetensors", "model.layers.0.q") == {}
+
+
+# ---- paper-ready tables: protocol, no empty columns, booktabs ------------------------------
+
+
+def test_table_states_its_protocol(opt_sweep):
+    table = build_table(collect_jobs(opt_sweep), load_paper_numbers())
+    protocol = (
+        "Protocol: perplexity on WikiText2 test (`wikitext2`), 140 non-overlapping windows of 2048 tokens; "
+        "calibration c4 128 × 2048; dtype float32; 0-shot tasks copa, piqa"
+    )
+    assert table.notes[0].startswith(protocol)
+    assert f"- {protocol}" in to_markdown(table)
+    caption = next(ln for ln in to_latex(table, "OPT 2:4").splitlines() if ln.startswith(r"\caption{"))
+    assert caption.startswith(
+        r"\caption{OPT 2:4. Protocol: perplexity on WikiText2 test (wikitext2), 140 non-overlapping windows of "
+        r"2048 tokens; calibration c4 128 $\times$ 2048; dtype float32;"
+    )
+    assert table.protocol.common["dtype"] == "float32" and not table.protocol.per_row
+
+
+def test_protocol_differences_per_model_and_per_row(tmp_path):
+    """Windows differ by tokenizer (per model: stated in the caption); a bf16 job differs within a model (per row)."""
+    runs = (
+        ("a", "opt125m", [], 140),
+        ("b", "opt350m", [], 148),
+        ("c", "opt125m", ["dtype=bfloat16"], 140),
+        ("d", "opt350m", ["dtype=bfloat16", "data.nsamples=32"], 148),
+    )
+    for name, model, extra, windows in runs:
+        ov = [f"model={model}", "pruner=wanda", "sds=prune_only", 'pattern="2:4"', *extra]
+        write_job(
+            tmp_path / "runs" / name,
+            None,
+            ov,
+            stage_metrics(["dense", "prune"], {"dense": 20.0, "prune": 50.0}, windows=windows),
+        )
+    table = build_table(collect_jobs(tmp_path / "runs"), [])
+    assert table.protocol.per_model == {"windows": {"opt125m": "140", "opt350m": "148"}}
+    assert table.protocol.per_row == ["calibration", "dtype"]
+    md = to_markdown(table)
+    assert (
+        "Protocol: perplexity on WikiText2 test (`wikitext2`), non-overlapping windows of 2048 tokens; "
+        "140 windows (opt-125m), 148 windows (opt-350m); differing between rows, see the Protocol column: "
+        "calibration, dtype." in md
+    )
+    rows = markdown_rows(md)
+    assert rows[0][:3] == ["Sparsity", "Method", "Protocol"]
+    assert rows[1][:3] == ["0%", "Dense", "dtype float32/bfloat16"]  # the dense row needs no calibration
+    assert rows[2][1:3] == ["Wanda [dtype=float32, data.nsamples=128]", "calibration c4 128 × 2048; dtype float32"]
+    assert rows[3][2] == "calibration c4 128 × 2048; dtype bfloat16"
+    assert rows[4][1:3] == ["Wanda [dtype=bfloat16, data.nsamples=32]", "calibration c4 32 × 2048; dtype bfloat16"]
+
+
+def _empty_columns(rows: list[list[str]]) -> list[str]:
+    header, body = rows[0], rows[1:]
+    return [h for i, h in enumerate(header) if all(line[i] in ("n/a", "—", "not run", "") for line in body)]
+
+
+def test_no_column_without_a_number(opt_sweep, tmp_path, capsys):
+    md = to_markdown(build_table(collect_jobs(opt_sweep), load_paper_numbers()))
+    assert _empty_columns(markdown_rows(md)) == []
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "scripts" / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(opt_sweep), "--out", str(tmp_path / "t"), "--no-paper"]) == 0
+    capsys.readouterr()
+    for text in ((tmp_path / "t" / "table.md").read_text(), (tmp_path / "t" / "table.tex").read_text()):
+        assert "paper" not in text.split("Jobs:")[0].replace("paper_numbers", "") and "Δ" not in text
+    rows = markdown_rows((tmp_path / "t" / "table.md").read_text())
+    assert rows[0] == ["Sparsity", "Method", "opt-125m ppl", "opt-125m 0-shot acc %", "opt-350m ppl",
+                       "opt-350m 0-shot acc %"]  # fmt: skip
+    assert _empty_columns(rows) == []
+    # the CSV keeps its full schema for scripts
+    assert "opt350m:wikitext2/ppl:paper" in (tmp_path / "t" / "table.csv").read_text().splitlines()[0]
+
+
+def test_latex_is_booktabs_without_vertical_rules_or_resizebox(opt_sweep):
+    tex = to_latex(build_table(collect_jobs(opt_sweep), load_paper_numbers()), "OPT 2:4", label="tab:opt")
+    table_part = tex.split(r"\end{table}")[0]
+    assert "|" not in table_part.split(r"\begin{tabular}")[1]
+    assert r"\begin{tabular}{llrrrrrrrr}" in tex and r"\resizebox" not in tex and "graphicx" not in tex
+    assert tex.startswith(r"% needs \usepackage{booktabs}")
+    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 1 and r"\hline" not in tex
+    assert tex.index(r"\caption{") < tex.index(r"\begin{tabular}") and r"\label{tab:opt}" in tex
+
+
+# ---- sweeps without a grid (Optuna) --------------------------------------------------------
+
+OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+
+
+def test_optuna_sweep_lists_its_trials_with_readable_labels(tmp_path, caplog):
+    """No multirun.yaml (only the basic sweeper writes one): the trials found are the jobs."""
+    sweep = tmp_path / "optuna"
+    trials = [(0.0012345678901234567, 0.37211), (0.00045, 1.0), (0.0012399999, 0.37211)]
+    fixed = ["benchmark.ppl.datasets=[wikitext2_val]", "optimized_metric=final/wikitext2_val/ppl"]
+    for num, (lam, damp) in enumerate(trials):
+        job = sweep / str(num)
+        ov = [*fixed, f"regularizer.l1.lam={lam}", f"sds.adjustment.damp={damp}"]
+        val = {"dense": 21.0, "prune": 50.0, "adjust": 40.0 + num}
+        metrics = {f"{st}/wikitext2_val/ppl": v for st, v in val.items()}
+        metrics |= {f"{st}/wikitext2_val/windows": 12.0 for st in val}
+        metrics |= {"final/wikitext2_val/ppl": val["adjust"], "final/wikitext2_val/windows": 12.0}
+        write_job(job, num, ov, {"metrics": metrics, "stages_done": ["dense", "prune", "reactivate", "adjust"]})
+        hydra = OmegaConf.load(job / ".hydra" / "hydra.yaml")
+        hydra.hydra.sweeper = {"_target_": OPTUNA, "direction": "minimize"}
+        OmegaConf.save(hydra, job / ".hydra" / "hydra.yaml")
+    best = {"name": "optuna", "best_params": {"regularizer.l1.lam": trials[0][0]}, "best_value": 40.0}
+    OmegaConf.save(OmegaConf.create(best), sweep / "optimization_results.yaml")
+
+    with caplog.at_level("INFO", logger="sds_exp.reporting.collect"):
+        assert expected_overrides(sweep) is None
+    assert "has no expected grid; listing the job dirs found" in caplog.text
+    jobs = collect_jobs(sweep)
+    assert [(j.num, j.status) for j in jobs] == [(0, "completed"), (1, "completed"), (2, "completed")]
+    table = build_table(jobs, load_paper_numbers(), ppl_dataset="wikitext2_val")
+    rows = markdown_rows(to_markdown(table))
+    assert rows[0] == ["Sparsity", "Method", "OPT-125M wikitext2_val ppl"]  # no paper number for validation
+    assert [r[1:] for r in rows[1:]] == [
+        ["Dense", "21.00"],
+        ["Wanda", "50.00†"],  # the prune stage: the searched keys act after it
+        ["SDS-Wanda [regularizer.l1.lam=0.00123, sds.adjustment.damp=0.37211]", "40.00"],
+        ["SDS-Wanda [regularizer.l1.lam=0.00045, sds.adjustment.damp=1.0]", "41.00"],
+        ["SDS-Wanda [regularizer.l1.lam=0.00124, sds.adjustment.damp=0.37211]", "42.00"],
+    ]
+    assert table.notes[0].startswith(
+        "Protocol: perplexity on WikiText2 validation (`wikitext2_val`), 12 non-overlapping windows of 2048 tokens"
+    )
+    assert "Optuna best of optuna: 40 at regularizer.l1.lam=0.0012345678901234567." in table.notes
