@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,19 +24,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sds_exp.api import Recipe, prune
 from sds_exp.checkpoint import save_checkpoint
-from sds_exp.evaluation.sparsity import sparsity_report
-from sds_exp.evaluation.stage_eval import (HIST_FILE, PplSettings, StageEvaluator, ZeroShotSettings,
-                                           load_histograms, plot_histograms)
+from sds_exp.data.tokens import tokenizer_fingerprint
+from sds_exp.evaluation.stage_eval import (
+    HIST_FILE,
+    PplSettings,
+    StageEvaluator,
+    ZeroShotSettings,
+    load_histograms,
+    plot_histograms,
+)
 from sds_exp.job import Job
+from sds_exp.model_card import model_card
 from sds_exp.models.loading import resolve_dtype
-from sds_exp.regularizers.norms import RegularizerSum
-from sds_exp.sds.pipeline import SDSConfig, SDSResult, mask_overlap, run_sds
+from sds_exp.provenance import STAGE_ORDER
 from sds_exp.sds.stages import prunable_layers
-from sds_exp.sds.timing import PhaseTimer
-from sds_exp.spec import SparsitySpec
 from sds_exp.tracking.results import environment, write_json
-from sds_exp.validation import normalize_ignore, validate_config, validate_loaded
+from sds_exp.validation import validate_config, validate_loaded
 
 __all__ = ["run", "build", "Parts"]
 
@@ -47,13 +52,9 @@ log = logging.getLogger(__name__)
 class Parts:
     """Everything the config builds before the model loads (so a bad value costs no model load)."""
 
-    spec: SparsitySpec
-    pruner: Any
-    regularizer: RegularizerSum
-    sds: SDSConfig
+    recipe: Recipe  # what the API's `prune` takes: pruner, sparsity spec, SDS settings, regulariser, ignore
     ppl: PplSettings | None
     zeroshot: ZeroShotSettings | None
-    ignore: list[str]
     resolved: dict[str, Any]
     provenance: dict[str, Any]
 
@@ -61,7 +62,6 @@ class Parts:
 def build(cfg: DictConfig) -> Parts:
     """Validate the config and build the components; raises naming the key, the value and what is allowed."""
     validate_config(cfg)
-    spec = SparsitySpec.parse(cfg.sparsity, cfg.pattern)
     resolve_dtype(cfg.dtype)
     bench = cfg.benchmark
     zs = OmegaConf.to_container(bench.zeroshot, resolve=True) if bench.get("zeroshot") else None
@@ -70,12 +70,10 @@ def build(cfg: DictConfig) -> Parts:
 
         check_tasks(list(zs["tasks"]), cfg.paths.data_dir, num_fewshot=zs["num_fewshot"])
     return Parts(
-        spec=spec, pruner=instantiate(cfg.pruner),
-        regularizer=RegularizerSum({k: instantiate(v) for k, v in (cfg.regularizer or {}).items()}),
-        sds=instantiate(cfg.sds),
+        recipe=Recipe.from_config(cfg),
         ppl=PplSettings(**OmegaConf.to_container(bench.ppl, resolve=True)) if bench.get("ppl") else None,
         zeroshot=ZeroShotSettings(**zs) if zs is not None else None,
-        ignore=normalize_ignore(cfg.ignore), resolved=OmegaConf.to_container(cfg, resolve=True),
+        resolved=OmegaConf.to_container(cfg, resolve=True),
         provenance=_provenance(cfg),
     )
 
@@ -83,38 +81,60 @@ def build(cfg: DictConfig) -> Parts:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one job; returns its flat metrics."""
     out_dir = Path(cfg.paths.output_dir)
-    with Job(out_dir, **_hydra_job()) as job:
+    hydra = _hydra_job()
+    with Job(out_dir, choices=hydra.get("choices"), overrides=hydra.get("overrides")) as job:
         job.set_tracker(partial(_tracker, cfg))
         parts = build(cfg)  # 1. validate and build everything but the model
-        store = job.begin(resolved=parts.resolved, provenance=parts.provenance, final_stage=parts.sds.stages[-1],
-                          resume=cfg.resume, environment=environment(cfg.paths.root_dir, cfg.device),
-                          config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        store = job.begin(
+            resolved=parts.resolved,
+            provenance=parts.provenance,
+            final_stage=parts.recipe.sds.stages[-1],
+            resume=cfg.resume,
+            environment=environment(cfg.paths.root_dir, cfg.device),
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        )
         _seed(cfg)
         with job.timer("load"):  # 2. model and calibration data
             loaded = instantiate(cfg.model)
-            names = list(prunable_layers(loaded.model, parts.ignore))
+            names = list(prunable_layers(loaded.model, parts.recipe.ignore))
             validate_loaded(cfg, loaded.model, names)
             calib = instantiate(cfg.data)(tokenizer=loaded.tokenizer, data_dir=cfg.paths.data_dir, seed=cfg.seed)
         job.add_metrics({"time/load_s": job.timer.seconds.pop("load")})
-        log.info("model %s (%s), calibration %s, %s, pruner %s", loaded.name, cfg.dtype, tuple(calib.shape),
-                 parts.spec, parts.pruner)
+        log.info(
+            "model %s (%s), calibration %s, %s, pruner %s",
+            loaded.name,
+            cfg.dtype,
+            tuple(calib.shape),
+            parts.recipe.spec,
+            parts.recipe.pruner,
+        )
         hist_layer = _hist_layer(names, cfg.get("hist_layer"))
         evaluator = _evaluator(cfg, parts, loaded, hist_layer, job, resumed=store.last_stage() is not None)
-        result = run_sds(loaded.model, calib, parts.pruner, parts.spec, parts.sds, parts.regularizer or None,
-                         device=cfg.device, batch_size=cfg.calib_batch_size, ignore=parts.ignore,
-                         on_stage=evaluator, store=store, timer=job.timer)  # 3. the pipeline
-        summary, layer_report = summarise(result, prunable_layers(loaded.model, parts.ignore), parts.spec, job.timer)
-        job.add_metrics(summary)  # 4. summary numbers and outputs
-        write_json(out_dir / "layers.json", layer_report)
+        report = prune(  # 3. the pipeline, through the Python API
+            loaded.model,
+            calib,
+            parts.recipe,
+            device=cfg.device,
+            batch_size=cfg.calib_batch_size,
+            on_stage=evaluator,
+            store=store,
+            timer=job.timer,
+        )
+        job.add_metrics(report.summary)  # 4. summary numbers and outputs
+        write_json(out_dir / "layers.json", report.layers)
         if hist_layer is not None:
             with job.optional("histogram plots and media"):
-                pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots")
-                job.tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()})
-                job.tracker.log_histograms({f"weights/{k}": w for k, w in evaluator.histograms.items()})
+                title = f"{loaded.name}: {run_name(cfg, job.choices)}"
+                pngs = plot_histograms(evaluator.histograms, hist_layer, out_dir / "plots", title=title)
+                final_step = STAGE_ORDER.index(parts.recipe.sds.stages[-1])  # the stage histograms went per stage
+                job.tracker.log_images({f"hist/{k}": str(v) for k, v in pngs.items()}, step=final_step)
         if cfg.save_model:
-            save_checkpoint(loaded.model, loaded.tokenizer, result.masks, OmegaConf.to_yaml(cfg, resolve=True),
-                            out_dir / "model")
+            card = model_card(parts.resolved, job.record.metrics, job.choices)
+            yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
+            save_checkpoint(loaded.model, loaded.tokenizer, report.masks, yaml_text, out_dir / "model", card=card)
         metrics = job.complete()
+        if cfg.save_model and not cfg.get("keep_checkpoint", True):  # the saved model holds the same weights
+            shutil.rmtree(store.dir, ignore_errors=True)
         log.info("done: %s", {k: round(v, 4) for k, v in metrics.items() if k.endswith("/ppl")})
         return metrics
 
@@ -125,7 +145,8 @@ def _hydra_job() -> dict[str, Any]:
     except ValueError:  # called without Hydra (tests, notebooks)
         return {}
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-    return {"choices": choices, "overrides": list(hc.overrides.task)}
+    sweep = Path(hc.runtime.output_dir).parent.name if str(hc.mode) == "RunMode.MULTIRUN" else None
+    return {"choices": choices, "overrides": list(hc.overrides.task), "sweep": sweep}
 
 
 def _seed(cfg: DictConfig) -> None:
@@ -149,25 +170,43 @@ def _provenance(cfg: DictConfig) -> dict[str, Any]:
     else:
         name = {"c4": "c4_calibration", "wikitext2": "wikitext2_train"}.get(target.rsplit(".", 1)[-1])
         data = mirror_provenance(cfg.paths.data_dir, dataset_files(name)) if name else {"source": target}
-    return {"data_provenance": data,
-            "model_files": model_files_identity(OmegaConf.to_container(cfg.model, resolve=True))}
+    return {
+        "data_provenance": data,
+        "model_files": model_files_identity(OmegaConf.to_container(cfg.model, resolve=True)),
+    }
 
 
 def _tracker(cfg: DictConfig, previous: dict[str, Any]):
+    """The tracker of this job: named from its choices, grouped by its sweep, continuing a resumed run."""
     args = OmegaConf.to_container(cfg.logger, resolve=True)  # `config` clashes with instantiate's own
     if previous.get("id"):
         args["run_id"] = previous["id"]
-    out_dir = Path(cfg.paths.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    return get_class(args.pop("_target_"))(**args, config=config, dir=str(out_dir), name=out_dir.name)
+    hydra = _hydra_job()
+    if args.get("group", "absent") is None and hydra.get("sweep"):
+        args["group"] = hydra["sweep"]
+    config = {**OmegaConf.to_container(cfg, resolve=True), "choices": hydra.get("choices", {})}
+    return get_class(args.pop("_target_"))(
+        **args, config=config, dir=str(cfg.paths.output_dir), name=run_name(cfg, hydra.get("choices", {}))
+    )
+
+
+def run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
+    """``sds-wanda-2:4-s0``, ``oneshot-sparsegpt-50%-s1``: what the job is, at a glance."""
+    method = "sds" if cfg.sds.get("redense", True) else "oneshot"
+    pruner = choices.get("pruner") or str(cfg.pruner.get("_target_", "?")).rsplit(".", 1)[-1].lower()
+    pattern = str(cfg.pattern) if str(cfg.pattern) != "unstructured" else f"{float(cfg.sparsity) * 100:g}%"
+    return f"{method}-{pruner}-{pattern}-s{cfg.seed}"
 
 
 def _dense_cache_key(cfg: DictConfig, parts: Parts, tokenizer) -> dict[str, Any]:
     """Everything the dense perplexity depends on besides the evaluation data and protocol."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {"model": parts.resolved["model"], "model_files": parts.provenance["model_files"],
-            "tokenizer": [type(tokenizer).__name__, len(tokenizer), hashlib.sha256(vocab.encode()).hexdigest()],
-            "dtype": cfg.dtype, "device": str(cfg.device)}
+    return {
+        "model": parts.resolved["model"],
+        "model_files": parts.provenance["model_files"],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dtype": cfg.dtype,
+        "device": str(cfg.device),
+    }
 
 
 def _evaluator(cfg: DictConfig, parts: Parts, loaded, hist_layer: str | None, job: Job, resumed: bool):
@@ -175,13 +214,21 @@ def _evaluator(cfg: DictConfig, parts: Parts, loaded, hist_layer: str | None, jo
     # a resumed job keeps the histograms of the stages it will not run again
     old = load_histograms(state_dir / "plots" / HIST_FILE, hist_layer) if hist_layer and resumed else {}
     return StageEvaluator(
-        tokenizer=loaded.tokenizer, data_dir=cfg.paths.data_dir, device=cfg.device, ppl=parts.ppl,
-        zeroshot=parts.zeroshot, final_stage=parts.sds.stages[-1],
-        layers=lambda m: prunable_layers(m, parts.ignore), hist_layer=hist_layer, record=job.record_stage,
+        tokenizer=loaded.tokenizer,
+        data_dir=cfg.paths.data_dir,
+        device=cfg.device,
+        ppl=parts.ppl,
+        zeroshot=parts.zeroshot,
+        final_stage=parts.recipe.sds.stages[-1],
+        layers=lambda m: prunable_layers(m, parts.recipe.ignore),
+        hist_layer=hist_layer,
+        record=job.record_stage,
         cache_file=Path(cfg.paths.cache_dir) / "dense_ppl.json",
-        cache_key=_dense_cache_key(cfg, parts, loaded.tokenizer), histograms=old,
+        cache_key=_dense_cache_key(cfg, parts, loaded.tokenizer),
+        histograms=old,
         hist_file=Path(cfg.paths.output_dir) / "plots" / HIST_FILE if hist_layer is not None else None,
         optional=job.optional,
+        results_dir=Path(cfg.paths.output_dir) / "zeroshot",
     )
 
 
@@ -192,23 +239,3 @@ def _hist_layer(names: list[str], pattern: str | None) -> str | None:
     if not matches:
         raise ValueError(f"hist_layer={pattern!r} matches no prunable layer; e.g. {names[0] if names else '-'}")
     return matches[0]
-
-
-def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseTimer) -> tuple[dict, dict]:
-    """Job-level numbers (stage times, mask sparsity and overlap, mean layer losses) and the per-layer report."""
-    m = {f"time/{k}_s": v for k, v in result.seconds.items()}
-    m.update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
-    sp = sparsity_report(layers, result.masks)
-    m["final/sparsity/mask"] = sp["mask"]
-    m["sparsity/target"] = spec.ratio
-    if result.reprune_masks is not None:  # how much of the first mask the re-prune chose again
-        m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.reprune_masks)
-    if result.first_masks is not result.masks:  # ... and what is left of it after adjust moved it
-        m["final/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
-    for stage, rep in result.reports.items():
-        for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept"):
-            vals = [r[key] for r in rep.values() if key in r]
-            if vals:
-                m[f"{stage}/recon/{key}_mean"] = sum(vals) / len(vals)
-    layer_report = {"sparsity": {k: v for k, v in sp.items() if k.startswith("layer/")}, "reports": result.reports}
-    return m, layer_report

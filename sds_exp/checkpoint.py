@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -76,8 +75,8 @@ class Restored:
     masks: dict[str, Tensor]
     reprune_masks: dict[str, Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds of the finished stages
-    phases: dict[str, float] = field(default_factory=dict)   # phase -> seconds (PhaseTimer) up to this stage
-    reports: dict[str, dict] = field(default_factory=dict)   # stage -> layer -> loss numbers
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds (PhaseTimer) up to this stage
+    reports: dict[str, dict] = field(default_factory=dict)  # stage -> layer -> loss numbers
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the settings this stage depends on
 
     def apply(self, model: nn.Module) -> None:
@@ -101,15 +100,23 @@ class StageStore:
         self._verified: tuple[dict[str, Any] | None] | None = None  # the newest good entry, hashed once
 
     # -- writing -------------------------------------------------------------------------------------
-    def save(self, stage: str, layers: dict[str, nn.Linear], first_masks: dict[str, Tensor],
-             masks: dict[str, Tensor] | None = None, *, reprune_masks: dict[str, Tensor] | None = None,
-             seconds: dict[str, float] | None = None, phases: dict[str, float] | None = None,
-             reports: dict[str, dict] | None = None) -> None:
+    def save(
+        self,
+        stage: str,
+        layers: dict[str, nn.Linear],
+        first_masks: dict[str, Tensor],
+        masks: dict[str, Tensor] | None = None,
+        *,
+        reprune_masks: dict[str, Tensor] | None = None,
+        seconds: dict[str, float] | None = None,
+        phases: dict[str, float] | None = None,
+        reports: dict[str, dict] | None = None,
+    ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp, final = self.dir / f".{stage}.tmp", self.dir / stage
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        files = {"weights": {n: l.weight for n, l in layers.items()}, "first_masks": first_masks}
+        files = {"weights": {n: lin.weight for n, lin in layers.items()}, "first_masks": first_masks}
         if masks is not None:
             files["masks"] = masks
         if reprune_masks is not None:  # the re-prune's own masks: its overlap is reported after a resume too
@@ -121,15 +128,26 @@ class StageStore:
         shutil.rmtree(final, ignore_errors=True)  # a stage from an earlier attempt that is no longer committed
         os.replace(tmp, final)
         fsync_dir(self.dir)
-        manifest = {f"{stage}/{kind}.safetensors": {"size": (final / f"{kind}.safetensors").stat().st_size,
-                                                   "sha256": _sha256(final / f"{kind}.safetensors")}
-                    for kind in files}  # hashed as read back from disk: what a resume will find
+        manifest = {
+            f"{stage}/{kind}.safetensors": {
+                "size": (final / f"{kind}.safetensors").stat().st_size,
+                "sha256": _sha256(final / f"{kind}.safetensors"),
+            }
+            for kind in files
+        }  # hashed as read back from disk: what a resume will find
         fault_point(f"checkpoint:{stage}:before_commit")
         state = self._read_state() or {"format": FORMAT, "committed": []}
         committed = [e for e in state.get("committed", []) if e["stage"] != stage]
-        committed.append({"stage": stage, "files": manifest, "seconds": dict(seconds or {}),
-                          "phases": dict(phases or {}), "reports": reports or {},
-                          "fingerprint": self.fingerprint})
+        committed.append(
+            {
+                "stage": stage,
+                "files": manifest,
+                "seconds": dict(seconds or {}),
+                "phases": dict(phases or {}),
+                "reports": reports or {},
+                "fingerprint": self.fingerprint,
+            }
+        )
         self._commit({"format": FORMAT, "committed": committed})
         fault_point(f"checkpoint:{stage}:after_commit")
         keep = {e["stage"] for e in committed[-KEEP:]}
@@ -167,9 +185,19 @@ class StageStore:
                 continue
             if "committed" not in state and "stage" in state:  # format 1: one stage, no checksums
                 stage = state["stage"]
-                state = {"format": 1, "committed": [{
-                    "stage": stage, "files": {}, "seconds": state.get("seconds", {}),
-                    "phases": state.get("phases", {}), "reports": state.get("reports", {}), "fingerprint": {}}]}
+                state = {
+                    "format": 1,
+                    "committed": [
+                        {
+                            "stage": stage,
+                            "files": {},
+                            "seconds": state.get("seconds", {}),
+                            "phases": state.get("phases", {}),
+                            "reports": state.get("reports", {}),
+                            "fingerprint": {},
+                        }
+                    ],
+                }
             self._state_cache = state
             return state
         return None
@@ -212,9 +240,14 @@ class StageStore:
     def _paths(self, entry: dict[str, Any]) -> dict[str, Path]:
         stage = entry["stage"]
         if entry["files"]:
-            return {kind: self.dir / stage / f"{kind}.safetensors" for kind in OPTIONAL_FILES + ("weights", "first_masks")}
-        return {"weights": self.dir / f"weights_{stage}.safetensors",  # format 1
-                "first_masks": self.dir / "first_masks.safetensors", "masks": self.dir / "masks.safetensors"}
+            return {
+                kind: self.dir / stage / f"{kind}.safetensors" for kind in OPTIONAL_FILES + ("weights", "first_masks")
+            }
+        return {
+            "weights": self.dir / f"weights_{stage}.safetensors",  # format 1
+            "first_masks": self.dir / "first_masks.safetensors",
+            "masks": self.dir / "masks.safetensors",
+        }
 
     def load(self) -> Restored | None:
         entry = self._good_entry()
@@ -232,8 +265,14 @@ class StageStore:
                 tensors[kind] = load_file(str(path))
             except Exception as exc:  # safetensors raises its own error type, naming no file
                 raise CheckpointError(f"checkpoint file {path} cannot be read ({exc})") from exc
-        return Restored(stage=entry["stage"], seconds=entry.get("seconds", {}), phases=entry.get("phases", {}),
-                        reports=entry.get("reports", {}), fingerprint=entry.get("fingerprint", {}), **tensors)
+        return Restored(
+            stage=entry["stage"],
+            seconds=entry.get("seconds", {}),
+            phases=entry.get("phases", {}),
+            reports=entry.get("reports", {}),
+            fingerprint=entry.get("fingerprint", {}),
+            **tensors,
+        )
 
     def copy_to(self, directory: str | Path) -> StageStore:
         """Resuming from another directory: continue this checkpoint in ``directory``."""
@@ -244,13 +283,30 @@ class StageStore:
         return StageStore(target, self.fingerprint)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, masks: dict[str, Tensor], resolved_config_yaml: str,
-                    path: str | Path) -> Path:
-    """A standard Hugging Face checkpoint (safetensors) + ``masks.safetensors`` + ``resolved_config.yaml``."""
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    masks: dict[str, Tensor],
+    resolved_config_yaml: str,
+    path: str | Path,
+    card: str | None = None,
+) -> Path:
+    """A standard Hugging Face checkpoint (safetensors) + ``masks.safetensors`` + ``resolved_config.yaml``
+    (+ ``README.md``, the model card). ``use_cache`` is saved as the model had it before pruning turned it off."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.to("cpu").save_pretrained(path, safe_serialization=True)
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = True  # the pipeline turns it off for its full-sequence passes; generation wants it
+    try:
+        model.to("cpu").save_pretrained(path, safe_serialization=True)
+    finally:
+        if config is not None:
+            config.use_cache = cached
     tokenizer.save_pretrained(path)
+    if card is not None:
+        (path / "README.md").write_text(card, encoding="utf-8")
     _atomic_save(masks, path / "masks.safetensors")
     (path / "resolved_config.yaml").write_text(resolved_config_yaml, encoding="utf-8")
     log.info("saved the sparse model to %s", path)

@@ -23,13 +23,15 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from torch import Tensor
 
 from sds_exp.checkpoint import StageStore
-from sds_exp.provenance import STAGE_ORDER, fingerprint as config_fingerprint, resume_differences
+from sds_exp.provenance import STAGE_ORDER, resume_differences
+from sds_exp.provenance import fingerprint as config_fingerprint
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.tracking.record import Attempt, RecordError, RunRecord, now
 from sds_exp.tracking.results import atomic_write_text, read_json, write_json
-from sds_exp.tracking.tracker import NullTracker, Tracker
+from sds_exp.tracking.tracker import NullTracker, Tracker, stage_free
 
 __all__ = ["Job", "JobKilled", "ResumeRefused"]
 
@@ -65,8 +67,9 @@ def _stage_of_metric(key: str) -> str | None:
 class Job:
     """One attempt at a job in ``out_dir``; see the module docstring."""
 
-    def __init__(self, out_dir: str | Path, *, choices: Mapping[str, str] | None = None,
-                 overrides: list[str] | None = None) -> None:
+    def __init__(
+        self, out_dir: str | Path, *, choices: Mapping[str, str] | None = None, overrides: list[str] | None = None
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.choices, self.overrides = dict(choices or {}), list(overrides or [])
         self.record: RunRecord | None = None  # None until begin(): the attempt does not own the record yet
@@ -91,8 +94,9 @@ class Job:
     def _on_signal(self, signum: int, frame) -> None:
         raise JobKilled(signum)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         try:
             if exc is not None:
                 self._fail(exc)
@@ -126,14 +130,16 @@ class Job:
             return None
 
     def _fail(self, exc: BaseException) -> None:
-        killed = isinstance(exc, (JobKilled, KeyboardInterrupt))
+        # SystemExit: e.g. submitit's SLURM timeout handler, which requeues the job and exits it
+        killed = isinstance(exc, (JobKilled, KeyboardInterrupt, SystemExit))
         status = "killed" if killed else "failed"
         error = str(exc) if isinstance(exc, JobKilled) else f"{type(exc).__name__}: {exc}"
         self.attempt.status, self.attempt.error, self.attempt.ended = status, error, now()
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if self.record is None:  # refused before it started: the previous record stays as it was
-            record = self.previous or RunRecord(status=status, error=error, choices=self.choices,
-                                                overrides=self.overrides)
+            record = self.previous or RunRecord(
+                status=status, error=error, choices=self.choices, overrides=self.overrides
+            )
             record.attempts.append(self.attempt)
             record.write(self.out_dir / RECORD)
             if self.previous is None and self._tracker_factory is not None:  # a new job: its failure is visible
@@ -151,8 +157,16 @@ class Job:
         log.error("job %s: %s (partial results in %s)", status, error, self.out_dir / RECORD)
 
     # -- the attempt takes over --------------------------------------------------------------------
-    def begin(self, *, resolved: dict[str, Any], provenance: dict[str, Any], environment: dict[str, Any],
-              final_stage: str, resume: str | Path | None = None, config_yaml: str | None = None) -> StageStore:
+    def begin(
+        self,
+        *,
+        resolved: dict[str, Any],
+        provenance: dict[str, Any],
+        environment: dict[str, Any],
+        final_stage: str,
+        resume: str | Path | None = None,
+        config_yaml: str | None = None,
+    ) -> StageStore:
         """Check the resume, take over the record, write config/env, open the tracker; returns the stage store.
 
         Args:
@@ -175,8 +189,10 @@ class Job:
                 current = {k: v for k, v in current.items() if k.split(".")[0] not in provenance}
             refuse, warn = resume_differences(saved, current, stage)
             if refuse:
-                raise ResumeRefused(f"cannot resume from {state_dir} (checkpoint after stage {stage!r}): "
-                                    "settings that act on it differ:\n  " + "\n  ".join(refuse))
+                raise ResumeRefused(
+                    f"cannot resume from {state_dir} (checkpoint after stage {stage!r}): "
+                    "settings that act on it differ:\n  " + "\n  ".join(refuse)
+                )
             for line in warn:
                 log.warning("resuming with a different %s (results may differ at rounding level)", line)
             carried = self.previous if state_dir == self.out_dir else self._read_previous(state_dir)
@@ -197,14 +213,14 @@ class Job:
             self.save()
         return store
 
-    def _new_record(self, carried: RunRecord | None, stage: str | None, state_dir: Path,
-                    final_stage: str) -> RunRecord:
+    def _new_record(self, carried: RunRecord | None, stage: str | None, state_dir: Path, final_stage: str) -> RunRecord:
         record = RunRecord(status="running", choices=self.choices, overrides=self.overrides)
         previous = self.previous
         record.attempts = [*(previous.attempts if previous else []), self.attempt]
         dropped = bool(previous and previous.metrics)
         if carried is not None and stage is not None:
             limit = STAGE_ORDER.index(stage)
+
             def keep(s: str | None) -> bool:
                 if s == "final":
                     return stage == final_stage
@@ -234,9 +250,14 @@ class Job:
             if old:
                 env["previous"] = [*earlier, old]
                 if old.get("git_sha") != env.get("git_sha") or old.get("git_dirty") or env.get("git_dirty"):
-                    log.warning("code version differs from the earlier attempt (%s%s -> %s%s); both are in %s",
-                                old.get("git_sha"), "+dirty" if old.get("git_dirty") else "", env.get("git_sha"),
-                                "+dirty" if env.get("git_dirty") else "", path)
+                    log.warning(
+                        "code version differs from the earlier attempt (%s%s -> %s%s); both are in %s",
+                        old.get("git_sha"),
+                        "+dirty" if old.get("git_dirty") else "",
+                        env.get("git_sha"),
+                        "+dirty" if env.get("git_dirty") else "",
+                        path,
+                    )
         write_json(path, env)
 
     # -- during the job ------------------------------------------------------------------------------
@@ -244,8 +265,14 @@ class Job:
         if self.record is not None:
             self.record.write(self.out_dir / RECORD)
 
-    def record_stage(self, metrics: Mapping[str, float], stage: str, **extra: Any) -> None:
-        """A stage's metrics: into the record (with the phase times so far) and the tracker."""
+    def record_stage(
+        self, metrics: Mapping[str, float], stage: str, *, histogram: tuple[str, Tensor] | None = None, **extra: Any
+    ) -> None:
+        """A stage's metrics: into the record (with the phase times so far) and the tracker.
+
+        The tracker gets stage-free keys (``wikitext2/ppl``) at step = the stage's index, plus a ``stage``
+        field and the histogram layer's weights under one key, so its default panels plot over the stages.
+        """
         assert self.record is not None, "record_stage before begin()"
         self.record.metrics.update(metrics)
         self.record.metrics.update({f"time/phase/{k}_s": v for k, v in self.timer.seconds.items()})
@@ -253,9 +280,11 @@ class Job:
             setattr(self.record, key, value)
         if stage not in self.record.stages_done:
             self.record.stages_done.append(stage)
-        step = int(self.record.tracker.get("step", 0))
+        step = STAGE_ORDER.index(stage)
         with self.optional(f"tracker log of stage {stage}"):
-            self.tracker.log(dict(metrics), step=step)
+            self.tracker.log({**stage_free(metrics, stage), "stage": step}, step=step)
+            if histogram is not None:
+                self.tracker.log_histograms({f"weights/{histogram[0]}": histogram[1]}, step=step)
         self.record.tracker["step"] = step + 1
         self.save()
 
@@ -288,4 +317,12 @@ class Job:
         self.save()
         with self.optional("tracker summary"):
             self.tracker.summary(self.record.metrics)
+            self.tracker.log_table("stages", *self.stage_table())
         return dict(self.record.metrics)
+
+    def stage_table(self) -> tuple[list[str], list[list[Any]]]:
+        """(columns, rows): one row per finished stage, one column per stage-free metric."""
+        assert self.record is not None
+        rows = {s: stage_free(self.record.metrics, s) for s in self.record.stages_done}
+        keys = sorted({k for r in rows.values() for k in r if not k.endswith(("/seconds", "/tokens_per_s"))})
+        return ["stage", *keys], [[s, *(r.get(k) for k in keys)] for s, r in rows.items()]

@@ -20,27 +20,60 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["STAGE_ORDER", "STAGE_KEYS", "EVALUATION_KEYS", "WARN_KEYS", "BOOKKEEPING_KEYS", "first_stage_of",
-           "fingerprint", "resume_differences", "is_bookkeeping"]
+__all__ = [
+    "STAGE_ORDER",
+    "STAGE_KEYS",
+    "EVALUATION_KEYS",
+    "WARN_KEYS",
+    "BOOKKEEPING_KEYS",
+    "first_stage_of",
+    "fingerprint",
+    "resume_differences",
+    "is_bookkeeping",
+]
 
 STAGE_ORDER = ("dense", "prune", "reactivate", "reprune", "adjust")
 
 STAGE_KEYS: dict[str, str] = {
-    "model": "prune", "data": "prune", "seed": "prune", "sparsity": "prune", "pattern": "prune",
-    "dtype": "prune", "allow_tf32": "prune", "pruner": "prune", "ignore": "prune",
+    "model": "prune",
+    "data": "prune",
+    "seed": "prune",
+    "sparsity": "prune",
+    "pattern": "prune",
+    "dtype": "prune",
+    "allow_tf32": "prune",
+    "pruner": "prune",
+    "ignore": "prune",
     # batched statistics sum in a different order: measured, 6 mask entries of a tiny LLaMA differ (8 vs 2)
     "calib_batch_size": "prune",
-    "sds._target_": "prune", "sds.redense": "reactivate", "sds.inputs": "reactivate",
-    "sds.reactivate": "reactivate", "regularizer": "reactivate",
-    "sds.adjust": "reprune", "sds.adjustment": "reprune", "sds.adjust_group": "reprune",
+    "sds._target_": "prune",
+    "sds.redense": "reactivate",
+    "sds.inputs": "reactivate",
+    "sds.reactivate": "reactivate",
+    "regularizer": "reactivate",
+    "sds.adjust": "reprune",
+    "sds.adjustment": "reprune",
+    "sds.adjust_group": "reprune",
     "sds.adjust_score": "reprune",
     "data_provenance": "prune",  # not a config key: the calibration files' checksums (or hub revision)
-    "model_files": "prune",      # not a config key: the model files' identity
+    "model_files": "prune",  # not a config key: the model files' identity
 }
 EVALUATION_KEYS = ("benchmark",)
 WARN_KEYS = ("device",)
-BOOKKEEPING_KEYS = ("paths", "hydra", "logger", "resume", "tags", "save_model", "optimized_metric", "hist_layer",
-                    "experiment", "debug", "local")
+BOOKKEEPING_KEYS = (
+    "paths",
+    "hydra",
+    "logger",
+    "resume",
+    "tags",
+    "save_model",
+    "keep_checkpoint",
+    "optimized_metric",
+    "hist_layer",
+    "experiment",
+    "debug",
+    "local",
+)
 
 
 def _matches(key: str, prefix: str) -> bool:

@@ -49,7 +49,7 @@ def _get(node, key: str, default=None, where: str = ""):
     ``where.key``."""
     if node is None:
         return default
-    if isinstance(node, DictConfig) and key in node.keys() and OmegaConf.is_missing(node, key):
+    if isinstance(node, DictConfig) and key in node.keys() and OmegaConf.is_missing(node, key):  # noqa: SIM118 (`in node` is False for ???)
         raise ConfigError(f"{where + '.' if where else ''}{key} is not set (???); it is required here")
     if key not in node:
         return default
@@ -69,11 +69,15 @@ def normalize_ignore(value: object) -> list[str]:
         patterns = list(value)
         bad = [p for p in patterns if not isinstance(p, str) or not p]
         if bad:
-            raise ConfigError(f"ignore={_plain(value)!r}: {bad[0]!r} is not a pattern; allowed: a list of "
-                              "non-empty fnmatch strings, e.g. ['*.mlp.down_proj']")
+            raise ConfigError(
+                f"ignore={_plain(value)!r}: {bad[0]!r} is not a pattern; allowed: a list of "
+                "non-empty fnmatch strings, e.g. ['*.mlp.down_proj']"
+            )
         return patterns
-    raise ConfigError(f"ignore={_plain(value)!r}: must be an fnmatch pattern or a list of them, "
-                      "e.g. '*.mlp.down_proj' or ['*.mlp.down_proj', '*.self_attn.o_proj']")
+    raise ConfigError(
+        f"ignore={_plain(value)!r}: must be an fnmatch pattern or a list of them, "
+        "e.g. '*.mlp.down_proj' or ['*.mlp.down_proj', '*.self_attn.o_proj']"
+    )
 
 
 def _plain(value: object) -> object:
@@ -93,12 +97,15 @@ def _check_device(value: object) -> None:
         return
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={value!r}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device=cpu")
+            raise ConfigError(
+                f"device={value!r}: CUDA is not available on this machine (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device=cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"device={value!r}: only {count} CUDA device(s) are visible; allowed: cuda, "
-                              f"cuda:0 .. cuda:{count - 1}")
+            raise ConfigError(
+                f"device={value!r}: only {count} CUDA device(s) are visible; allowed: cuda, cuda:0 .. cuda:{count - 1}"
+            )
         return
     if device.type == "mps":
         if not torch.backends.mps.is_available():
@@ -112,12 +119,15 @@ def _check_ppl(ppl) -> None:
 
     datasets = _get(ppl, "datasets", [], where="benchmark.ppl")
     if isinstance(datasets, str) or not isinstance(datasets, (ListConfig, list, tuple)):
-        raise ConfigError(f"benchmark.ppl.datasets={_plain(datasets)!r}: must be a list of dataset names, "
-                          f"e.g. [wikitext2]; allowed names: {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"benchmark.ppl.datasets={_plain(datasets)!r}: must be a list of dataset names, "
+            f"e.g. [wikitext2]; allowed names: {', '.join(DATASETS)}"
+        )
     for name in datasets:
         if name not in DATASETS:
-            raise ConfigError(f"benchmark.ppl.datasets={_plain(datasets)!r}: {name!r} is not known; "
-                              f"allowed: {', '.join(DATASETS)}")
+            raise ConfigError(
+                f"benchmark.ppl.datasets={_plain(datasets)!r}: {name!r} is not known; allowed: {', '.join(DATASETS)}"
+            )
     if "seqlen" in ppl:
         _seqlen("benchmark.ppl.seqlen", ppl.seqlen)
     if "batch_size" in ppl:
@@ -128,12 +138,15 @@ def _check_ppl(ppl) -> None:
     if stage_max is None:
         return
     if not isinstance(stage_max, (DictConfig, Mapping)):
-        raise ConfigError(f"benchmark.ppl.stage_max_windows={_plain(stage_max)!r}: must be a mapping stage -> "
-                          "windows, e.g. {dense: 40}")
+        raise ConfigError(
+            f"benchmark.ppl.stage_max_windows={_plain(stage_max)!r}: must be a mapping stage -> "
+            "windows, e.g. {dense: 40}"
+        )
     for stage, value in stage_max.items():
         if value is not None:
-            _int_at_least(f"benchmark.ppl.stage_max_windows.{stage}", value, 1,
-                          "null (= max_windows) or a positive integer")
+            _int_at_least(
+                f"benchmark.ppl.stage_max_windows.{stage}", value, 1, "null (= max_windows) or a positive integer"
+            )
 
 
 def _check_data(data) -> None:
@@ -154,8 +167,10 @@ def _check_data(data) -> None:
         raise ConfigError(f"data.path={raw!r}: must be the path of a .pt/.npy/.npz file of token ids")
     path = Path(raw).expanduser()
     if not path.is_file():
-        raise ConfigError(f"data.path={raw!r}: {path.resolve()} does not exist or is not a file; "
-                          "allowed: a .pt/.npy/.npz file of shape (nsamples, seqlen)")
+        raise ConfigError(
+            f"data.path={raw!r}: {path.resolve()} does not exist or is not a file; "
+            "allowed: a .pt/.npy/.npz file of shape (nsamples, seqlen)"
+        )
     from sds_exp.data.calibration import from_ids
 
     try:  # the loader's own read (a few MB) and checks: shape, nsamples/seqlen, negative ids
@@ -172,11 +187,15 @@ def _check_resume(value: object) -> None:
         raise ConfigError(f"resume={value!r}: must be null or a run directory")
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"resume={value!r}: {path.resolve()} is not a directory; allowed: null or a run "
-                          "directory of an earlier job (holding checkpoint/ or metrics.json)")
+        raise ConfigError(
+            f"resume={value!r}: {path.resolve()} is not a directory; allowed: null or a run "
+            "directory of an earlier job (holding checkpoint/ or metrics.json)"
+        )
     if not ((path / "checkpoint").is_dir() or (path / "metrics.json").is_file()):
-        raise ConfigError(f"resume={value!r}: {path.resolve()} holds neither checkpoint/ nor metrics.json; "
-                          "it is not a run directory of an earlier job")
+        raise ConfigError(
+            f"resume={value!r}: {path.resolve()} holds neither checkpoint/ nor metrics.json; "
+            "it is not a run directory of an earlier job"
+        )
 
 
 def _looks_like_path(value: str) -> bool:
@@ -194,8 +213,9 @@ def _check_model(model) -> None:
             from sds_exp.models.loading import locate_package_file
 
             if not gguf_file:
-                raise ConfigError(f"model.gguf_package={package!r} needs model.gguf_file (the GGUF file inside "
-                                  "the package)")
+                raise ConfigError(
+                    f"model.gguf_package={package!r} needs model.gguf_file (the GGUF file inside the package)"
+                )
             try:
                 locate_package_file(package, gguf_file)
             except FileNotFoundError as exc:
@@ -208,18 +228,23 @@ def _check_model(model) -> None:
             return  # a hub id: checked by the hub at load time
         path = Path(name).expanduser()
         if not path.is_dir():
-            raise ConfigError(f"model.name_or_path={name!r}: {path.resolve()} does not exist; allowed: a hub id "
-                              "or a local directory holding config.json and the weights")
+            raise ConfigError(
+                f"model.name_or_path={name!r}: {path.resolve()} does not exist; allowed: a hub id "
+                "or a local directory holding config.json and the weights"
+            )
         needed = gguf_file or "config.json"
         if not (path / needed).is_file():
-            raise ConfigError(f"model.name_or_path={name!r}: {path.resolve()} has no {needed}; it is not a "
-                              f"{'GGUF' if gguf_file else 'Hugging Face'} model directory (point it at the "
-                              "folder holding config.json and the weights)")
+            raise ConfigError(
+                f"model.name_or_path={name!r}: {path.resolve()} has no {needed}; it is not a "
+                f"{'GGUF' if gguf_file else 'Hugging Face'} model directory (point it at the "
+                "folder holding config.json and the weights)"
+            )
     elif target.endswith("load_saved"):
         raw = _get(model, "path", where="model")
         if not isinstance(raw, str) or not Path(raw).expanduser().is_dir():
-            raise ConfigError(f"model.path={raw!r}: not a directory; allowed: the model/ folder of a job "
-                              "run with save_model=true")
+            raise ConfigError(
+                f"model.path={raw!r}: not a directory; allowed: the model/ folder of a job run with save_model=true"
+            )
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -252,11 +277,26 @@ def validate_config(cfg: DictConfig) -> None:
     normalize_ignore(_get(cfg, "ignore"))
     pruner = _get(cfg, "pruner")
     if pruner is not None and "needs_calibration" in pruner:
-        raise ConfigError(f"pruner.needs_calibration={_get(pruner, 'needs_calibration')!r}: not a setting; it is a "
-                          f"property of the pruner class ({_get(pruner, '_target_')}). Remove the key")
+        raise ConfigError(
+            f"pruner.needs_calibration={_get(pruner, 'needs_calibration')!r}: not a setting; it is a "
+            f"property of the pruner class ({_get(pruner, '_target_')}). Remove the key"
+        )
+    _check_extras(cfg, bench)
     hist_layer = _get(cfg, "hist_layer")
     if hist_layer is not None and not isinstance(hist_layer, str):
         raise ConfigError(f"hist_layer={hist_layer!r}: must be null, 'auto' or an fnmatch pattern of a layer name")
+
+
+def _check_extras(cfg: DictConfig, bench) -> None:
+    """The optional packages this config needs, found without importing them (the pip command if not)."""
+    from sds_exp.extras import check_installed
+
+    if str(_get(_get(cfg, "logger"), "_target_", "")).endswith("WandbTracker"):
+        check_installed("wandb", "tracking")
+    if bench is not None and _get(bench, "zeroshot") is not None:
+        check_installed("lm_eval", "zeroshot")
+    if _get(_get(cfg, "model"), "gguf_file") is not None:
+        check_installed("gguf", "gguf")
 
 
 def _all_linear_names(model) -> list[str]:
@@ -287,16 +327,20 @@ def validate_loaded(cfg: DictConfig, model, layer_names: Sequence[str]) -> None:
         ppl = _get(bench, "ppl") if bench is not None else None
         for key, value in (("data.seqlen", _get(data, "seqlen")), ("benchmark.ppl.seqlen", _get(ppl, "seqlen"))):
             if _is_int(value) and value > limit:
-                raise ConfigError(f"{key}={value}: longer than the model's context (max_position_embeddings="
-                                  f"{limit}); allowed: 2 .. {limit}")
+                raise ConfigError(
+                    f"{key}={value}: longer than the model's context (max_position_embeddings="
+                    f"{limit}); allowed: 2 .. {limit}"
+                )
     patterns = normalize_ignore(_get(cfg, "ignore"))
     if not patterns:
         return
     all_names = _all_linear_names(model)
     if not layer_names:
         example = f"; its layers are e.g. {all_names[0]}" if all_names else ""
-        raise ConfigError(f"ignore={patterns!r}: leaves no prunable layer ({len(all_names)} linear layers in the "
-                          f"decoder blocks, all matched){example}")
+        raise ConfigError(
+            f"ignore={patterns!r}: leaves no prunable layer ({len(all_names)} linear layers in the "
+            f"decoder blocks, all matched){example}"
+        )
     for pat in patterns:  # a typo leaves the layer pruned without a word
         if all_names and not any(fnmatch.fnmatchcase(n, pat) for n in all_names):
             log.warning("ignore pattern %r matches no layer (layer names look like %s)", pat, all_names[0])

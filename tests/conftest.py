@@ -33,8 +33,15 @@ def data_dir() -> Path:
 def tiny_llama(data_dir):
     from sds_exp.models.loading import build_tiny
 
-    return build_tiny("llama", data_dir=data_dir, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                      num_key_value_heads=2, seed=0)
+    return build_tiny(
+        "llama",
+        data_dir=data_dir,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        seed=0,
+    )
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sds_exp.data.sources import c4_documents, wikitext2_rows
+from sds_exp.data.sources import c4_documents, dataset_files, mirror_dir, wikitext2_rows
+from sds_exp.data.tokens import files_identity, memoised, tokenizer_fingerprint
 
 __all__ = ["sample_document_windows", "sample_stream_windows", "c4", "wikitext2", "from_ids"]
 
@@ -47,7 +48,9 @@ def sample_document_windows(docs: list[list[int]], nsamples: int, seqlen: int, r
     if not long_docs:
         log.warning(
             "no calibration document is longer than seqlen=%d tokens (longest: %d); falling back to windows "
-            "of the concatenated documents", seqlen, max((len(d) for d in docs), default=0),
+            "of the concatenated documents",
+            seqlen,
+            max((len(d) for d in docs), default=0),
         )
         stream = torch.tensor([t for d in docs for t in d], dtype=torch.long)
         return sample_stream_windows(stream, nsamples, seqlen, rng)
@@ -63,28 +66,51 @@ def sample_document_windows(docs: list[list[int]], nsamples: int, seqlen: int, r
     repeats = nsamples - len(used)
     log.info(
         "calibration: %d windows of %d tokens from %d distinct documents (%d of %d documents are longer than "
-        "seqlen; %d windows repeat a document)", nsamples, seqlen, len(used), len(long_docs), len(docs), repeats,
+        "seqlen; %d windows repeat a document)",
+        nsamples,
+        seqlen,
+        len(used),
+        len(long_docs),
+        len(docs),
+        repeats,
     )
     return torch.stack(windows)
+
+
+def _mirror_identity(data_dir: str | Path | None, dataset: str) -> list:
+    """The mirror files behind ``dataset`` (path, size, mtime), or the hub."""
+    root = mirror_dir(data_dir)
+    return files_identity(root / rel for rel in dataset_files(dataset)) if root is not None else ["hub"]
 
 
 def c4(tokenizer, data_dir: str | Path | None, seed: int = 0, nsamples: int = 128, seqlen: int = 2048) -> Tensor:
     """C4 calibration windows (mirror: its calibration half; hub: c4-train.00000-of-01024)."""
     _check(nsamples, seqlen)
-    texts = c4_documents("calibration", data_dir)
-    docs = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    docs = memoised(  # the pool is tokenized once per process (sweeps, tests), not once per job
+        ["c4/calibration", tokenizer_fingerprint(tokenizer), _mirror_identity(data_dir, "c4_calibration")],
+        lambda: tokenizer(c4_documents("calibration", data_dir), add_special_tokens=True)["input_ids"],
+    )
     return sample_document_windows(docs, nsamples, seqlen, random.Random(seed))
 
 
 def wikitext2(tokenizer, data_dir: str | Path | None, seed: int = 0, nsamples: int = 128, seqlen: int = 2048) -> Tensor:
     """WikiText2-train calibration windows from ``" ".join(rows)`` (mirror: the first 1 MB of train rows)."""
     _check(nsamples, seqlen)
-    ids = tokenizer(" ".join(wikitext2_rows("train", data_dir)), return_tensors="pt").input_ids[0]
+    ids = memoised(
+        ["wikitext2/train", tokenizer_fingerprint(tokenizer), _mirror_identity(data_dir, "wikitext2_train")],
+        lambda: tokenizer(" ".join(wikitext2_rows("train", data_dir)), return_tensors="pt").input_ids[0],
+    )
     return sample_stream_windows(ids, nsamples, seqlen, random.Random(seed))
 
 
-def from_ids(path: str | Path, tokenizer=None, data_dir=None, seed: int = 0, nsamples: int | None = None,
-             seqlen: int | None = None) -> Tensor:
+def from_ids(
+    path: str | Path,
+    tokenizer=None,
+    data_dir=None,
+    seed: int = 0,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+) -> Tensor:
     """Pre-tokenized windows from a ``.pt``/``.npy``/``.npz`` file of shape (nsamples, seqlen).
 
     ``nsamples``/``seqlen``, when given, must match the file (they are checked, not used to resample).
@@ -106,7 +132,9 @@ def from_ids(path: str | Path, tokenizer=None, data_dir=None, seed: int = 0, nsa
     else:
         raise ValueError(f"calibration ids file {path}: suffix {suffix!r} not supported; allowed: .pt, .npy, .npz")
     if ids.dim() != 2 or ids.dtype.is_floating_point:
-        raise ValueError(f"{path}: expected an integer array of shape (nsamples, seqlen), got {tuple(ids.shape)} {ids.dtype}")
+        raise ValueError(
+            f"{path}: expected an integer array of shape (nsamples, seqlen), got {tuple(ids.shape)} {ids.dtype}"
+        )
     if nsamples is not None and ids.shape[0] != nsamples:
         raise ValueError(f"{path}: holds {ids.shape[0]} windows but data.nsamples={nsamples}")
     if seqlen is not None and ids.shape[1] != seqlen:

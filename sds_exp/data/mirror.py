@@ -9,6 +9,7 @@ a file the list does not name only logs a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,8 +17,15 @@ import os
 from pathlib import Path
 
 __all__ = [
-    "MirrorError", "SUMS_FILE", "mirror_dir", "sha256_file", "read_sums", "verify_mirror_files",
-    "mirror_provenance", "configure_cache", "default_cache_file",
+    "MirrorError",
+    "SUMS_FILE",
+    "mirror_dir",
+    "sha256_file",
+    "read_sums",
+    "verify_mirror_files",
+    "mirror_provenance",
+    "configure_cache",
+    "default_cache_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,12 +112,9 @@ def _write_cache(cache_file: Path, files: dict[str, dict]) -> None:
         tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, cache_file)
     except OSError as exc:
-        log.warning("checksum cache %s could not be written (%s); files will be re-hashed next job",
-                    cache_file, exc)
-        try:
+        log.warning("checksum cache %s could not be written (%s); files will be re-hashed next job", cache_file, exc)
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def _digests(paths: list[Path], cache_file: Path | None) -> list[str]:
@@ -146,15 +151,17 @@ def verify_mirror_files(data_dir: str | Path, relpaths: list[str], cache_file: P
     for rel in relpaths:
         path = root / rel
         if not path.is_file():
-            raise FileNotFoundError(f"{rel} is missing from the data mirror {root} (paths.data_dir); "
-                                    f"restore it, or point SDS_DATA_DIR at a complete mirror")
+            raise FileNotFoundError(
+                f"{rel} is missing from the data mirror {root} (paths.data_dir); "
+                f"restore it, or point SDS_DATA_DIR at a complete mirror"
+            )
         paths.append(path)
     sums = read_sums(root)
     if sums is None:
         log.warning("data mirror %s has no %s; its files cannot be verified", root, SUMS_FILE)
         sums = {}
     out = {}
-    for rel, path, actual in zip(relpaths, paths, _digests(paths, cache_file)):
+    for rel, path, actual in zip(relpaths, paths, _digests(paths, cache_file), strict=True):
         expected = sums.get(rel)
         if expected is None:
             if str(path) not in _WARNED:

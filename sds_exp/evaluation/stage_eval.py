@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,8 +18,17 @@ from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
 from sds_exp.evaluation.sparsity import sparsity_report
 from sds_exp.tracking.results import read_json, write_json
 
-__all__ = ["PplSettings", "ZeroShotSettings", "StageEvaluator", "plot_histograms", "HIST_FILE", "save_histograms",
-           "load_histograms"]
+__all__ = [
+    "PplSettings",
+    "ZeroShotSettings",
+    "StageEvaluator",
+    "plot_histograms",
+    "histogram_figure",
+    "zero_share",
+    "HIST_FILE",
+    "save_histograms",
+    "load_histograms",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +41,11 @@ def save_histograms(histograms: dict[str, Tensor], layer: str, path: Path) -> No
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in histograms.items()}, str(tmp),
-              metadata={"layer": layer, "stages": json.dumps(list(histograms))})
+    save_file(
+        {k: v.to(torch.bfloat16).contiguous() for k, v in histograms.items()},
+        str(tmp),
+        metadata={"layer": layer, "stages": json.dumps(list(histograms))},
+    )
     tmp.replace(path)
 
 
@@ -100,13 +111,28 @@ class StageEvaluator:
         cache_file: dense perplexity cache (JSON), keyed by ``cache_key`` + dataset + protocol.
         cache_key: everything the dense perplexity depends on (model node and files, tokenizer, dtype...).
         optional: ``fn(what) -> context manager`` guarding outputs the numbers do not depend on.
+        results_dir: where lm-eval's own results of every zero-shot stage go (``<stage>.json``); None: nowhere.
     """
 
-    def __init__(self, *, tokenizer, data_dir, device, ppl: PplSettings | None, zeroshot: ZeroShotSettings | None,
-                 final_stage: str, layers: Callable[[nn.Module], dict[str, nn.Linear]], hist_layer: str | None,
-                 record: Callable[..., None], cache_file: Path | None, cache_key: dict,
-                 histograms: dict[str, Tensor] | None = None, hist_file: Path | None = None,
-                 optional: Callable[[str], object] = _quietly):
+    def __init__(
+        self,
+        *,
+        tokenizer,
+        data_dir,
+        device,
+        ppl: PplSettings | None,
+        zeroshot: ZeroShotSettings | None,
+        final_stage: str,
+        layers: Callable[[nn.Module], dict[str, nn.Linear]],
+        hist_layer: str | None,
+        record: Callable[..., None],
+        cache_file: Path | None,
+        cache_key: dict,
+        histograms: dict[str, Tensor] | None = None,
+        hist_file: Path | None = None,
+        optional: Callable[[str], object] = _quietly,
+        results_dir: Path | None = None,
+    ):
         self.tokenizer, self.data_dir, self.device = tokenizer, data_dir, device
         self.ppl, self.zeroshot = ppl, zeroshot
         self.final_stage, self.layers, self.hist_layer = final_stage, layers, hist_layer
@@ -114,13 +140,27 @@ class StageEvaluator:
         self.histograms: dict[str, Tensor] = dict(histograms or {})
         self.hist_file = hist_file
         self.optional = optional
+        self.results_dir = results_dir
         self._ids: dict[str, Tensor] = {}
 
     def token_ids(self, dataset: str) -> Tensor:
         if dataset not in self._ids:
-            self._ids[dataset] = eval_token_ids(dataset, self.tokenizer, self.data_dir, self.ppl.seqlen)
-            log.info("%s: %d evaluation tokens, %d windows of %d", dataset, self._ids[dataset].numel(),
-                     self._ids[dataset].numel() // self.ppl.seqlen, self.ppl.seqlen)
+            from sds_exp.data.sources import dataset_files, mirror_dir
+            from sds_exp.data.tokens import files_identity, memoised, tokenizer_fingerprint
+
+            root = mirror_dir(self.data_dir)
+            files = files_identity(root / f for f in dataset_files(dataset)) if root is not None else ["hub"]
+            key = ["eval", dataset, self.ppl.seqlen, tokenizer_fingerprint(self.tokenizer), files]
+            self._ids[dataset] = memoised(
+                key, lambda: eval_token_ids(dataset, self.tokenizer, self.data_dir, self.ppl.seqlen)
+            )
+            log.info(
+                "%s: %d evaluation tokens, %d windows of %d",
+                dataset,
+                self._ids[dataset].numel(),
+                self._ids[dataset].numel() // self.ppl.seqlen,
+                self.ppl.seqlen,
+            )
         return self._ids[dataset]
 
     def _windows(self, stage: str) -> int | None:
@@ -131,12 +171,13 @@ class StageEvaluator:
         return min(limits) if limits else None
 
     def _cache_id(self, dataset: str, windows: int | None) -> str:
-        from sds_exp.data.sources import dataset_files
         from sds_exp.data.mirror import mirror_provenance
+        from sds_exp.data.sources import dataset_files
 
         data = mirror_provenance(self.data_dir, dataset_files("c4_evaluation" if dataset == "c4" else dataset))
-        raw = json.dumps([self.cache_key, dataset, data, self.ppl.seqlen, self.ppl.batch_size, windows],
-                         sort_keys=True, default=str)
+        raw = json.dumps(
+            [self.cache_key, dataset, data, self.ppl.seqlen, self.ppl.batch_size, windows], sort_keys=True, default=str
+        )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def _wants_zeroshot(self, stage: str) -> bool:
@@ -151,6 +192,7 @@ class StageEvaluator:
         extra = {}
         if self.hist_layer in layers:
             self.histograms[stage] = layers[self.hist_layer].weight.detach().float().cpu().flatten().clone()
+            extra["histogram"] = (self.hist_layer, self.histograms[stage])
             if self.hist_file is not None:
                 with self.optional(f"histogram weights {self.hist_file}"):
                     save_histograms(self.histograms, self.hist_layer, self.hist_file)
@@ -161,11 +203,22 @@ class StageEvaluator:
             from sds_exp.evaluation.zeroshot import evaluate_zeroshot
 
             zs = self.zeroshot
-            res = evaluate_zeroshot(model, self.tokenizer, list(zs.tasks), data_dir=self.data_dir, limit=zs.limit,
-                                    batch_size=zs.batch_size, num_fewshot=zs.num_fewshot, seed=zs.seed,
-                                    bootstrap_iters=zs.bootstrap_iters, device=self.device)
+            res = evaluate_zeroshot(
+                model,
+                self.tokenizer,
+                list(zs.tasks),
+                data_dir=self.data_dir,
+                limit=zs.limit,
+                batch_size=zs.batch_size,
+                num_fewshot=zs.num_fewshot,
+                seed=zs.seed,
+                bootstrap_iters=zs.bootstrap_iters,
+                device=self.device,
+            )
             metrics.update({f"{stage}/zeroshot/{k}": v for k, v in res.metrics.items()})
             extra["lm_eval_versions"] = res.versions
+            if self.results_dir is not None:  # lm-eval's own record: configs, versions, hashes of this stage
+                write_json(self.results_dir / f"{stage}.json", res.raw)
         if stage == self.final_stage:
             metrics.update({"final/" + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(stage + "/")})
         model.to("cpu")
@@ -179,8 +232,15 @@ class StageEvaluator:
         if stage == "dense" and key in cache:
             log.info("dense %s ppl from cache %s: %.4f", dataset, self.cache_file, cache[key][f"{prefix}/ppl"])
             return {**cache[key], f"{prefix}/cached": 1.0}
-        result = perplexity(model, self.token_ids(dataset), self.ppl.seqlen, self.device, self.ppl.batch_size,
-                            windows, desc=f"{stage} {dataset}")
+        result = perplexity(
+            model,
+            self.token_ids(dataset),
+            self.ppl.seqlen,
+            self.device,
+            self.ppl.batch_size,
+            windows,
+            desc=f"{stage} {dataset}",
+        )
         metrics = result.as_metrics(prefix)
         if stage == "dense" and self.cache_file is not None:
             with self.optional(f"dense perplexity cache {self.cache_file}"):
@@ -200,37 +260,88 @@ class StageEvaluator:
             return {}
 
 
-def plot_histograms(histograms: dict[str, Tensor], layer: str, out_dir: Path) -> dict[str, Path]:
-    """One PNG per stage plus one with all stages side by side (the paper's Figure 1)."""
-    import matplotlib
+def zero_share(w: Tensor) -> float:
+    """The share of exact zeros in ``w`` (pruned weights are exact zeros)."""
+    return float((w == 0).float().mean()) if w.numel() else 0.0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _count_tick(value: float, _pos: object = None) -> str:
+    """Plain count tick labels (``1,000``, not ``10^3``)."""
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
+def _count_ticks(ax) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(_count_tick))
+
+
+def _zeros_text(share: float) -> str:
+    if 0 < share < 0.001:
+        return "<0.1% zeros"
+    return f"{100 * share:.1f}% zeros"
+
+
+def histogram_figure(histograms: dict[str, Tensor], layer: str, title: str | None = None):
+    """The all-stages figure of :func:`plot_histograms` (a matplotlib ``Figure``, not saved).
+
+    One panel per stage, titled with the stage and its share of exact zeros; shared log-count y axis;
+    the suptitle is ``title`` (model / pruner / pattern) and the layer.
+    """
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    lim = max(float(w.abs().quantile(0.999)) for w in histograms.values()) if histograms else 1.0
+    bins = torch.linspace(-lim, lim, 201).numpy()
+    fig = Figure(figsize=(3.2 * max(len(histograms), 1), 3.3))
+    axes = fig.subplots(1, max(len(histograms), 1), sharey=True, squeeze=False)[0]
+    for i, (ax, (stage, w)) in enumerate(zip(axes, histograms.items(), strict=False)):
+        ax.hist(w.numpy(), bins=bins, color="C0", histtype="stepfilled")  # one patch, not 200 bars
+        ax.set_yscale("log")
+        _count_ticks(ax)
+        ax.set_title(f"{stage}: {_zeros_text(zero_share(w))}", fontsize=9)
+        ax.set_xlabel("weight value")
+        if i == 0:
+            ax.set_ylabel("count (log scale)")
+    fig.suptitle(f"{title}: {layer}" if title else layer, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_histograms(
+    histograms: dict[str, Tensor], layer: str, out_dir: Path, title: str | None = None
+) -> dict[str, Path]:
+    """One PNG per stage plus one with all stages side by side (the paper's Figure 1).
+
+    Args:
+        histograms: stage -> the flattened weights of ``layer`` after that stage (stage order).
+        layer: the layer's module name.
+        out_dir: where ``hist_<stage>.png`` and ``hist_stages.png`` are written.
+        title: what the job was (e.g. ``SmolLM2-135M, SDS-Wanda, 2:4``), put before the layer in the titles.
+
+    Returns:
+        stage -> PNG path, plus ``all`` for the side-by-side figure (when there is any stage).
+    """
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     lim = max(float(w.abs().quantile(0.999)) for w in histograms.values()) if histograms else 1.0
     bins = torch.linspace(-lim, lim, 201).numpy()
+    name = f"{title}: {layer}" if title else layer
     for stage, w in histograms.items():
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.subplots()
         ax.hist(w.numpy(), bins=bins, color="C0", histtype="stepfilled")  # one patch, not 200 bars
         ax.set_yscale("log")
-        ax.set_title(f"{stage}: {layer}", fontsize=8)
-        ax.set_xlabel("weight")
+        _count_ticks(ax)
+        ax.set_title(f"{stage} ({_zeros_text(zero_share(w))})\n{name}", fontsize=8)
+        ax.set_xlabel("weight value")
+        ax.set_ylabel("count (log scale)")
         fig.tight_layout()
         paths[stage] = out_dir / f"hist_{stage}.png"
         fig.savefig(paths[stage], dpi=110)
-        plt.close(fig)
     if histograms:
-        fig, axes = plt.subplots(1, len(histograms), figsize=(3.2 * len(histograms), 3), sharey=True)
-        axes = [axes] if len(histograms) == 1 else list(axes)
-        for ax, (stage, w) in zip(axes, histograms.items()):
-            ax.hist(w.numpy(), bins=bins, color="C0", histtype="stepfilled")  # one patch, not 200 bars
-            ax.set_yscale("log")
-            ax.set_title(stage)
-        fig.suptitle(layer, fontsize=8)
-        fig.tight_layout()
         paths["all"] = out_dir / "hist_stages.png"
-        fig.savefig(paths["all"], dpi=110)
-        plt.close(fig)
+        histogram_figure(histograms, layer, title).savefig(paths["all"], dpi=110)
     return paths

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import logging
 import math
 import random
@@ -38,6 +39,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
+
+from sds_exp.extras import require
 
 __all__ = [
     "MIRROR_SUBDIR",
@@ -92,20 +95,21 @@ class ZeroShotResult:
         versions: lm-eval's per-task versions (``results["versions"]``), ``"lm_eval"``: the package
             version, and ``"data_source"``: ``{task: mirror files or "hub"}``.
         seconds: wall time of the evaluation.
+        raw: lm-eval's own results dict (results, configs, versions, n-shot, task hashes...), JSON-safe,
+            without per-sample logs: what the job writes to ``zeroshot/<stage>.json``.
     """
 
     metrics: dict[str, float]
     versions: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    raw: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- task configs
 
 
 def _lm_eval_tasks_dir() -> Path:
-    import lm_eval.tasks
-
-    return Path(lm_eval.tasks.__file__).parent
+    return Path(require("lm_eval.tasks", "zeroshot").__file__).parent
 
 
 def mirrored_tasks() -> list[str]:
@@ -150,9 +154,7 @@ def _resolved_config(task: str, data_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def write_task_configs(
-    tasks: Iterable[str], data_dir: str | Path, out_dir: str | Path
-) -> dict[str, Path]:
+def write_task_configs(tasks: Iterable[str], data_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Write the resolved mirror configs of ``tasks`` into ``out_dir``.
 
     The directory can be passed to ``lm_eval --include_path`` (the tasks keep their stock names and
@@ -180,9 +182,7 @@ def write_task_configs(
             )
         missing = [p for p in mirror_files(task, data_dir).values() if not p.is_file()]
         if missing:
-            raise ZeroShotDataError(
-                f"zero-shot task {task!r}: mirror file not found: {', '.join(map(str, missing))}"
-            )
+            raise ZeroShotDataError(f"zero-shot task {task!r}: mirror file not found: {', '.join(map(str, missing))}")
         path = out / f"{task}.yaml"
         path.write_text(yaml.safe_dump(_resolved_config(task, data_dir), sort_keys=False))
         written[task] = path
@@ -215,14 +215,14 @@ def resolve_sources(tasks: Sequence[str], data_dir: str | Path | None) -> dict[s
 @functools.lru_cache(maxsize=1)
 def _stock_index() -> Mapping[str, Any]:
     """lm-eval's task index (name -> Entry); building it reads every stock YAML (~7 s)."""
-    from lm_eval.tasks import TaskManager
+    TaskManager = require("lm_eval.tasks", "zeroshot").TaskManager  # noqa: N806
 
     return TaskManager().task_index
 
 
 def _stock_config(task: str) -> dict[str, Any] | None:
     """The stock task's YAML (includes resolved, functions not imported), or None if unknown."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    load_yaml = require("lm_eval.tasks._yaml_loader", "zeroshot").load_yaml
 
     template = _template(task)
     if template is not None:
@@ -268,9 +268,7 @@ def _hub_problem(stock: Mapping[str, Any]) -> str | None:
     return None
 
 
-def check_tasks(
-    tasks: Sequence[str], data_dir: str | Path | None, *, num_fewshot: int = 0
-) -> None:
+def check_tasks(tasks: Sequence[str], data_dir: str | Path | None, *, num_fewshot: int = 0) -> None:
     """Fail early when a task's data is available neither from the mirror nor from the hub.
 
     Called before any model work. A task is served by the mirror when the project ships its config
@@ -314,9 +312,7 @@ def check_tasks(
                 f"no data-mirror config is shipped for it (looked for {_TEMPLATE_DIR / task}.yaml;"
                 f" mirrored: {', '.join(mirrored_tasks())})"
             )
-        problems.append(
-            f"zero-shot task {task!r}: not in the data mirror ({looked}); {hub_problem}"
-        )
+        problems.append(f"zero-shot task {task!r}: not in the data mirror ({looked}); {hub_problem}")
     if problems:
         raise ZeroShotDataError("\n".join(problems))
 
@@ -405,11 +401,7 @@ def _evaluating_on(model: torch.nn.Module, device: str | torch.device | None) ->
     """
     was_training = model.training
     origin = next(model.parameters()).device
-    move = (
-        device is not None
-        and torch.device(device) != origin
-        and not getattr(model, "hf_device_map", None)
-    )
+    move = device is not None and torch.device(device) != origin and not getattr(model, "hf_device_map", None)
     if move:
         model.to(device)
     try:
@@ -454,9 +446,9 @@ def evaluate_zeroshot(
     Returns:
         Flat metrics with the suite average, versions and data sources, and the wall time.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    lm_eval = require("lm_eval", "zeroshot")
+    HFLM = require("lm_eval.models.huggingface", "zeroshot").HFLM  # noqa: N806
+    TaskManager = require("lm_eval.tasks", "zeroshot").TaskManager  # noqa: N806
 
     start = time.perf_counter()
     tasks = list(dict.fromkeys(tasks))
@@ -503,10 +495,9 @@ def evaluate_zeroshot(
     versions["data_source"] = {t: s.location for t, s in sources.items()}
     seconds = time.perf_counter() - start
     log.info("zero-shot done in %.1f s: %s", seconds, _summary_line(metrics))
-    return ZeroShotResult(metrics=metrics, versions=versions, seconds=seconds)
+    raw = json.loads(json.dumps({k: v for k, v in results.items() if k != "samples"}, default=str))
+    return ZeroShotResult(metrics=metrics, versions=versions, seconds=seconds, raw=raw)
 
 
 def _summary_line(metrics: Mapping[str, float]) -> str:
-    return ", ".join(
-        f"{k}={v:.4f}" for k, v in metrics.items() if k.rsplit("/", 1)[-1] in AVERAGED_METRICS
-    )
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.rsplit("/", 1)[-1] in AVERAGED_METRICS)

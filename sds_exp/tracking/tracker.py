@@ -21,11 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sds_exp.extras import require
+
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
-__all__ = ["Tracker", "NullTracker", "WandbTracker", "weight_histogram", "WANDB_MODES"]
+__all__ = ["Tracker", "NullTracker", "WandbTracker", "weight_histogram", "stage_free", "WANDB_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,9 @@ class Tracker(Protocol):
 
     def log_images(self, images: Mapping[str, str | Path], step: int | None = None) -> None: ...
 
-    def log_histograms(
-        self, tensors: Mapping[str, torch.Tensor], step: int | None = None
-    ) -> None: ...
+    def log_histograms(self, tensors: Mapping[str, torch.Tensor], step: int | None = None) -> None: ...
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
 
 
 class NullTracker:
@@ -84,15 +86,21 @@ class NullTracker:
     def log_images(self, images: Mapping[str, str | Path], step: int | None = None) -> None:
         """Ignore ``images``."""
 
-    def log_histograms(
-        self, tensors: Mapping[str, torch.Tensor], step: int | None = None
-    ) -> None:
+    def log_histograms(self, tensors: Mapping[str, torch.Tensor], step: int | None = None) -> None:
         """Ignore ``tensors``."""
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Ignore the table."""
 
-def weight_histogram(
-    tensor: torch.Tensor, bins: int = HISTOGRAM_BINS
-) -> tuple[list[float], list[float]]:
+
+def stage_free(metrics: Mapping[str, float], stage: str) -> dict[str, float]:
+    """``prune/wikitext2/ppl`` -> ``wikitext2/ppl``: one key over the stages, so a tracker's default panel of a
+    key logged at step = stage index is the metric-vs-stage line (``metrics.json`` keeps the flat names)."""
+    prefix = f"{stage}/"
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def weight_histogram(tensor: torch.Tensor, bins: int = HISTOGRAM_BINS) -> tuple[list[float], list[float]]:
     """Histogram of a tensor's values, computed where the tensor lives.
 
     Args:
@@ -165,7 +173,7 @@ class WandbTracker:
         return self._run
 
     def __enter__(self) -> Self:
-        import wandb
+        wandb = require("wandb", "tracking")
 
         if self._run is not None:
             raise RuntimeError("WandbTracker is already open; use one tracker per job")
@@ -217,20 +225,21 @@ class WandbTracker:
 
     def log_images(self, images: Mapping[str, str | Path], step: int | None = None) -> None:
         """Log image files (the stage PNGs) as ``wandb.Image`` media."""
-        import wandb
+        wandb = require("wandb", "tracking")
 
         self.run.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
 
-    def log_histograms(
-        self, tensors: Mapping[str, torch.Tensor], step: int | None = None
-    ) -> None:
+    def log_histograms(self, tensors: Mapping[str, torch.Tensor], step: int | None = None) -> None:
         """Log value histograms of tensors (e.g. weights) as ``wandb.Histogram`` media."""
-        import wandb
+        wandb = require("wandb", "tracking")
 
         self.run.log(
-            {
-                key: wandb.Histogram(np_histogram=weight_histogram(tensor))
-                for key, tensor in tensors.items()
-            },
+            {key: wandb.Histogram(np_histogram=weight_histogram(tensor)) for key, tensor in tensors.items()},
             step=step,
         )
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A ``wandb.Table`` in the run summary (e.g. stage x metric)."""
+        wandb = require("wandb", "tracking")
+
+        self.run.summary[key] = wandb.Table(columns=columns, data=rows)

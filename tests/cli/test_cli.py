@@ -21,7 +21,9 @@ def run_cli(tmp_path, *overrides, env=None):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("model, pruner, pattern", [("tiny_opt", "sparsegpt", "2:4"), ("tiny_llama", "wanda", "unstructured")])
+@pytest.mark.parametrize(
+    "model, pruner, pattern", [("tiny_opt", "sparsegpt", "2:4"), ("tiny_llama", "wanda", "unstructured")]
+)
 def test_end_to_end(tmp_path, model, pruner, pattern):
     proc, run_dir = run_cli(tmp_path, f"model={model}", f"pruner={pruner}", f"pattern={pattern}", *SMOKE)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,9 +61,13 @@ def test_bad_inputs(tmp_path, overrides, message):
 
 
 def test_no_data_mirror_and_no_hub(tmp_path):
-    proc, run_dir = run_cli(tmp_path, *SMOKE, f"paths.data_dir={tmp_path}/none",
-                            "model.data_dir=" + str(Path(os.environ["SDS_DATA_DIR"])),
-                            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    proc, run_dir = run_cli(
+        tmp_path,
+        *SMOKE,
+        f"paths.data_dir={tmp_path}/none",
+        "model.data_dir=" + str(Path(os.environ["SDS_DATA_DIR"])),
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     assert proc.returncode != 0
     assert "Set SDS_DATA_DIR (or paths.data_dir=...)" in proc.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
@@ -73,19 +79,46 @@ def test_select_hparams_script(tmp_path, data_dir):
     adjust score), every stage measured on the validation slice and the calibration windows, the choice
     written out."""
     out = tmp_path / "sel"
-    cmd = [sys.executable, "scripts/select_hparams.py", "--model", "tiny_llama", "--blocks", "2", "--nsamples", "4",
-           "--seqlen", "64", "--val-windows", "3", "--steps", "5", "--lams", "0,0.1", "--adjust-damps", "0.01,1",
-           "--adjust-scores", "magnitude,wanda", "--dtype", "float32", "--data-dir", str(data_dir), "--out", str(out),
-           "pruner.group=row"]  # a Hydra override passed through (Wanda's default)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    cmd = [
+        sys.executable,
+        "scripts/select_hparams.py",
+        "--model",
+        "tiny_llama",
+        "--blocks",
+        "2",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--val-windows",
+        "3",
+        "--steps",
+        "5",
+        "--lams",
+        "0,0.1",
+        "--adjust-damps",
+        "0.01,1",
+        "--adjust-scores",
+        "magnitude,wanda",
+        "--dtype",
+        "float32",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "pruner.group=row",
+    ]  # a Hydra override passed through (Wanda's default)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "select_hparams.json").read_text())
     settings = result["settings"]
     assert settings["choices"]["model"] == "tiny_llama" and settings["choices"]["pruner"] == "wanda"
     assert settings["overrides"][-1] == "pruner.group=row" and settings["data_dir"] == str(data_dir)
     assert [(r["lam"], r["damp"], r["score"]) for r in result["rows"]] == [
-        (lam, damp, score) for lam in (0.0, 0.1) for damp in (0.01, 1.0) for score in ("magnitude", "wanda")]
+        (lam, damp, score) for lam in (0.0, 0.1) for damp in (0.01, 1.0) for score in ("magnitude", "wanda")
+    ]
     for row in result["rows"]:
         assert list(row["errors"]) == ["prune", "reactivate", "reprune", "adjust"]
         assert all(1 < e["validation"] < 1e6 and 1 < e["calibration"] < 1e6 for e in row["errors"].values())
@@ -99,10 +132,10 @@ def test_select_hparams_script(tmp_path, data_dir):
     assert "Lowest final validation perplexity: lambda =" in (out / "select_hparams.md").read_text()
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(cmd[:3] + ["--blocks", "99"] + cmd[5:], cwd=ROOT, check=True, capture_output=True, timeout=600)
-    bad = subprocess.run(cmd[:-3] + ["--adjust-scores", "norm", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+    bad = subprocess.run(
+        cmd[:-3] + ["--adjust-scores", "norm", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert bad.returncode != 0 and "adjust score 'norm'; allowed: magnitude, wanda" in bad.stderr
-
 
 
 @pytest.mark.integration
@@ -111,10 +144,25 @@ def test_bench_command_writes_numbers_and_ratios(tmp_path, data_dir):
     phase, the ratios of issue 6, and the SDS pass's own working set. Model, seqlen and the two sizes come
     from ``debug=tiny`` passed through to Hydra (tiny_llama, data.nsamples=4 and half of it, seqlen 64)."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "sds_exp.bench", "debug=tiny", "--steps", "3", "--eval-windows", "2",
-           "--dtype", "float32", "--data-dir", str(data_dir), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "sds_exp.bench",
+        "debug=tiny",
+        "--steps",
+        "3",
+        "--eval-windows",
+        "2",
+        "--dtype",
+        "float32",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "bench.json").read_text())
     assert r["settings"]["choices"]["model"] == "tiny_llama" and r["settings"]["seqlen"] == 64
@@ -124,8 +172,12 @@ def test_bench_command_writes_numbers_and_ratios(tmp_path, data_dir):
         assert {"magnitude", "wanda", "sparsegpt", "sds_wanda"} <= set(size)
         assert size["sds_wanda"]["reactivate/optimise"] > 0 and size["sds_wanda"]["adjust/optimise"] > 0
     assert r["memory"]["sds_pass_gib"] is None or r["memory"]["sds_pass_gib"] >= 0
-    for key in ("wanda_mask_over_calib_forward", "sds_extra_over_plain_prune", "ppl_bf16_fraction_of_peak",
-                "reactivate_optimise_ratio_4_vs_2_samples"):
+    for key in (
+        "wanda_mask_over_calib_forward",
+        "sds_extra_over_plain_prune",
+        "ppl_bf16_fraction_of_peak",
+        "reactivate_optimise_ratio_4_vs_2_samples",
+    ):
         assert key in r["ratios"] and key in proc.stdout
     assert "SDS pass working set" in (out / "bench.md").read_text() or r["memory"]["sds_pass_gib"] is None
 
@@ -170,8 +222,23 @@ def test_scripts_compose_the_job_config(monkeypatch, tmp_path, restore_hydra_con
 
     monkeypatch.setenv("SDS_DATA_DIR", str(tmp_path / "mirror"))
     args = bench.parser().parse_intermixed_args(
-        ["--model", "tiny_opt", "seed=3", "--pruner", "sparsegpt", "pruner.percdamp=0.1", "-o", "dtype=bfloat16",
-         "--dtype", "float32", "--steps", "7", "--device", "cpu"])
+        [
+            "--model",
+            "tiny_opt",
+            "seed=3",
+            "--pruner",
+            "sparsegpt",
+            "pruner.percdamp=0.1",
+            "-o",
+            "dtype=bfloat16",
+            "--dtype",
+            "float32",
+            "--steps",
+            "7",
+            "--device",
+            "cpu",
+        ]
+    )
     cfg = compose_config(bench.bench_overrides(args), output_dir=tmp_path / "out")
     assert choices()["model"] == "tiny_opt" and choices()["pruner"] == "sparsegpt"
     assert cfg.seed == 3 and cfg.pruner.percdamp == 0.1 and cfg.dtype == "bfloat16"  # passthrough wins
@@ -183,8 +250,18 @@ def test_scripts_compose_the_job_config(monkeypatch, tmp_path, restore_hydra_con
     assert node._target_.endswith("Magnitude") and choices()["pruner"] == "sparsegpt"
 
     sel = _select_hparams_module()
-    args = sel.parser().parse_intermixed_args(["--model", "tiny_llama", "--nsamples", "4", "data=wikitext2",
-                                               "--data-dir", str(tmp_path / "d"), "regularizer=l1"])
+    args = sel.parser().parse_intermixed_args(
+        [
+            "--model",
+            "tiny_llama",
+            "--nsamples",
+            "4",
+            "data=wikitext2",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "regularizer=l1",
+        ]
+    )
     cfg = compose_config(sel.hydra_overrides(args))
     assert choices()["data"] == "wikitext2" and cfg.data.nsamples == 4 and cfg.dtype == "bfloat16"
     assert cfg.paths.data_dir == str(tmp_path / "d")

@@ -51,9 +51,7 @@ def completed_jobs(sweep: Path) -> dict[str, dict]:
 
 @pytest.mark.integration
 def test_two_job_multirun_through_submitit_local(tmp_path):
-    proc, sweep = run_sweep(
-        tmp_path, "-m", "hydra/launcher=local_parallel", *SMOKE, "sparsity=0.5,0.6"
-    )
+    proc, sweep = run_sweep(tmp_path, "-m", "hydra/launcher=local_parallel", *SMOKE, "sparsity=0.5,0.6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
     jobs = completed_jobs(sweep)
@@ -88,9 +86,7 @@ def test_two_job_multirun_through_submitit_local(tmp_path):
 def test_experiment_runs_its_grid_without_m(tmp_path):
     """table_smollm2 on the tiny model, one pruner, baseline only: its pattern sweep: two jobs,
     the N:M one with the string "2:4" from the quoted sweep value."""
-    proc, sweep = run_sweep(
-        tmp_path, "experiment=table_smollm2", *SMOKE, "pruner=wanda", "sds=prune_only"
-    )
+    proc, sweep = run_sweep(tmp_path, "experiment=table_smollm2", *SMOKE, "pruner=wanda", "sds=prune_only")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = completed_jobs(sweep)
     assert sorted(jobs) == ["0", "1"]
@@ -105,8 +101,6 @@ def test_experiment_runs_its_grid_without_m(tmp_path):
         timeout=120,
     )
     assert make.returncode == 0, make.stderr[-2000:]
-    rows = [
-        ln for ln in make.stdout.splitlines() if ln.startswith("| 2:4 ") or ln.startswith("| 50% ")
-    ]
+    rows = [ln for ln in make.stdout.splitlines() if ln.startswith("| 2:4 ") or ln.startswith("| 50% ")]
     assert [r.split(" | ")[1] for r in rows] == ["Wanda", "Wanda"]
     assert "Jobs: 2 (2 completed)." in make.stdout

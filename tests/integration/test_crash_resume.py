@@ -28,8 +28,11 @@ def run(run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
 
 def results(run_dir: Path) -> tuple[dict, dict, dict]:
     state = json.loads((run_dir / "metrics.json").read_text())
-    numbers = {k: v for k, v in state["metrics"].items()
-               if not k.startswith("time/") and not k.endswith(("/cached", "_per_s", "/seconds"))}
+    numbers = {
+        k: v
+        for k, v in state["metrics"].items()
+        if not k.startswith("time/") and not k.endswith(("/cached", "_per_s", "/seconds"))
+    }
     final = run_dir / "checkpoint" / "adjust"
     return numbers, load_file(final / "masks.safetensors"), load_file(final / "weights.safetensors")
 
@@ -42,13 +45,16 @@ def reference(tmp_path_factory) -> tuple[dict, dict, dict]:
     return results(run_dir)
 
 
-@pytest.mark.parametrize("fault, code, status", [
-    ("block:reactivate:1", -9, "running"),                # inside a stage, after a checkpoint
-    ("checkpoint:prune:weights", -9, "running"),          # inside the first checkpoint write: nothing committed
-    ("checkpoint:reactivate:before_commit", -9, "running"),  # files written and synced, not committed
-    ("checkpoint:adjust:after_commit", -9, "running"),    # committed, the older stage not yet cleaned up
-    ("block:reprune:1:SIGTERM", 128 + 15, "killed"),      # what SLURM and `timeout` send
-])
+@pytest.mark.parametrize(
+    "fault, code, status",
+    [
+        ("block:reactivate:1", -9, "running"),  # inside a stage, after a checkpoint
+        ("checkpoint:prune:weights", -9, "running"),  # inside the first checkpoint write: nothing committed
+        ("checkpoint:reactivate:before_commit", -9, "running"),  # files written and synced, not committed
+        ("checkpoint:adjust:after_commit", -9, "running"),  # committed, the older stage not yet cleaned up
+        ("block:reprune:1:SIGTERM", 128 + 15, "killed"),  # what SLURM and `timeout` send
+    ],
+)
 def test_killed_job_resumes_to_the_same_result(tmp_path, reference, fault, code, status):
     run_dir = tmp_path / "job"
     proc = run(run_dir, fault)

@@ -16,8 +16,10 @@ from sds_exp.sds.stages import prunable_layers
 from sds_exp.spec import SparsitySpec
 
 DEVICE = os.environ.get("SDS_TEST_GPU_DEVICE", "cuda")  # "cpu" checks this file's logic without a GPU
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 @pytest.mark.parametrize("pruner", [Wanda(), SparseGPT(blocksize=16)], ids=["wanda", "sparsegpt"])

@@ -211,8 +211,41 @@ def test_resume_from_another_directory(job, tmp_path):
 
 
 def test_zeroshot_through_the_job(job):
-    cfg, run_dir = job(["sds=prune_only", "benchmark.zeroshot={tasks: [copa], stages: [final], limit: 4, "
-                        "batch_size: 4, num_fewshot: 0, seed: 0, bootstrap_iters: 0}"])
+    cfg, run_dir = job(
+        [
+            "sds=prune_only",
+            "benchmark.zeroshot={tasks: [copa], stages: [final], limit: 4, "
+            "batch_size: 4, num_fewshot: 0, seed: 0, bootstrap_iters: 0}",
+        ]
+    )
     metrics = app.run(cfg)
     assert 0 <= metrics["final/zeroshot/copa/acc"] <= 1 and "dense/zeroshot/copa/acc" not in metrics
     assert record(run_dir).lm_eval_versions
+    raw = json.loads((run_dir / "zeroshot" / "prune.json").read_text())  # lm-eval's own results, per stage
+    assert raw["results"]["copa"]["acc,none"] == metrics["final/zeroshot/copa/acc"] and "configs" in raw
+
+
+def test_lm_eval_task_configs_command(tmp_path, data_dir):
+    from sds_exp.evaluation.lm_eval_configs import main
+
+    assert main(["--tasks", "copa,rte", "--out", str(tmp_path / "tasks"), "--data-dir", str(data_dir)]) == 0
+    text = (tmp_path / "tasks" / "copa.yaml").read_text()
+    assert "include:" in text and str(data_dir) in text  # absolute paths: runnable from anywhere
+
+
+def test_saved_model_has_a_card_and_loads_in_plain_transformers(job):
+    from transformers import AutoModelForCausalLM
+
+    cfg, run_dir = job(["pattern=2:4", "save_model=true", "keep_checkpoint=false"])
+    metrics = app.run(cfg)
+    saved = run_dir / "model"
+    card = (saved / "README.md").read_text()
+    assert "tiny_llama" in card and "`wanda` pruner" in card and "pattern `2:4`" in card
+    assert "4 x 64 tokens" in card and f"| adjust | {metrics['adjust/wikitext2/ppl']:.2f} |" in card
+    config = json.loads((saved / "config.json").read_text())
+    assert config["use_cache"] is True and "quantization_config" not in config and "sparsity_config" not in config
+    assert not (run_dir / "checkpoint").exists() and record(run_dir).status == "completed"
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    masks = load_file(saved / "masks.safetensors")
+    for name, mask in masks.items():
+        assert (model.get_submodule(name).weight[~mask] == 0).all(), name

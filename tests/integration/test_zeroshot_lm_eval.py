@@ -165,9 +165,7 @@ def test_tiny_model_through_lm_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     random.seed(123)
     limit = 3
 
-    result = zs.evaluate_zeroshot(
-        model, tokenizer, zs.mirrored_tasks(), data_dir=root, limit=limit, batch_size=4
-    )
+    result = zs.evaluate_zeroshot(model, tokenizer, zs.mirrored_tasks(), data_dir=root, limit=limit, batch_size=4)
 
     # the caller's state is untouched: RNG streams, train mode, tokenizer
     after = (torch.rand(1).item(), random.random())
@@ -253,13 +251,9 @@ def test_smollm2_matches_lm_eval_cli(tmp_path: Path) -> None:
     (out,) = (tmp_path / "cli").rglob("results_*.json")
     cli_metrics = zs.flatten_results(json.loads(out.read_text()))
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    ours = zs.evaluate_zeroshot(
-        model, tokenizer, PARITY_TASKS, data_dir=root, limit=PARITY_LIMIT, batch_size=8
-    ).metrics
+    ours = zs.evaluate_zeroshot(model, tokenizer, PARITY_TASKS, data_dir=root, limit=PARITY_LIMIT, batch_size=8).metrics
 
     compared = [k for k in cli_metrics if "stderr" not in k]  # the CLI always bootstraps stderr
     assert len(compared) == 10  # 4 x n_samples, 4 x acc, piqa/acc_norm, lambada/perplexity

@@ -16,26 +16,40 @@ from sds_exp.tracking.record import RecordError, RunRecord
 def test_every_config_key_is_classified(compose):
     cfg = OmegaConf.to_container(compose([]), resolve=False)
     classes = {**{k.split(".")[0]: "stage" for k in provenance.STAGE_KEYS}}
-    known = set(classes) | set(provenance.EVALUATION_KEYS) | set(provenance.WARN_KEYS) | set(
-        provenance.BOOKKEEPING_KEYS)
+    known = (
+        set(classes) | set(provenance.EVALUATION_KEYS) | set(provenance.WARN_KEYS) | set(provenance.BOOKKEEPING_KEYS)
+    )
     assert set(cfg) - known == set(), "new top-level keys must be classified in sds_exp/provenance.py"
 
 
-@pytest.mark.parametrize("key, stage", [
-    ("calib_batch_size", "prune"), ("pruner.group", "prune"), ("sds.reactivate.optimizer.lr", "reactivate"),
-    ("regularizer.l1.lam", "reactivate"), ("sds.adjustment.damp", "reprune"), ("sds._target_", "prune"),
-    ("benchmark.ppl.max_windows", None), ("paths.data_dir", None), ("model.data_dir", None),
-    ("logger.mode", None), ("device", None), ("some_user_key", "prune"),
-])
+@pytest.mark.parametrize(
+    "key, stage",
+    [
+        ("calib_batch_size", "prune"),
+        ("pruner.group", "prune"),
+        ("sds.reactivate.optimizer.lr", "reactivate"),
+        ("regularizer.l1.lam", "reactivate"),
+        ("sds.adjustment.damp", "reprune"),
+        ("sds._target_", "prune"),
+        ("benchmark.ppl.max_windows", None),
+        ("paths.data_dir", None),
+        ("model.data_dir", None),
+        ("logger.mode", None),
+        ("device", None),
+        ("some_user_key", "prune"),
+    ],
+)
 def test_first_stage_of(key, stage):
     assert provenance.first_stage_of(key) == stage
 
 
 def test_resume_differences_are_scoped_by_stage():
-    saved = provenance.fingerprint({"seed": 0, "sds": {"reactivate": {"steps": 200}}, "device": "cpu",
-                                    "benchmark": {"ppl": {"max_windows": 2}}})
-    current = provenance.fingerprint({"seed": 0, "sds": {"reactivate": {"steps": 50}}, "device": "cuda",
-                                      "benchmark": {"ppl": {"max_windows": 8}}})
+    saved = provenance.fingerprint(
+        {"seed": 0, "sds": {"reactivate": {"steps": 200}}, "device": "cpu", "benchmark": {"ppl": {"max_windows": 2}}}
+    )
+    current = provenance.fingerprint(
+        {"seed": 0, "sds": {"reactivate": {"steps": 50}}, "device": "cuda", "benchmark": {"ppl": {"max_windows": 8}}}
+    )
     refuse, warn = provenance.resume_differences(saved, current, "prune")
     assert refuse == [] and warn == ["device: 'cpu' -> 'cuda'"]
     refuse, _ = provenance.resume_differences(saved, current, "reactivate")
@@ -43,8 +57,14 @@ def test_resume_differences_are_scoped_by_stage():
 
 
 def test_record_reads_schema_1_and_names_a_damaged_file(tmp_path):
-    old = {"status": "completed", "error": None, "choices": {"model": "tiny_llama"}, "overrides": ["a=1"],
-           "metrics": {"dense/wikitext2/ppl": 3.5}, "stages_done": ["dense"]}
+    old = {
+        "status": "completed",
+        "error": None,
+        "choices": {"model": "tiny_llama"},
+        "overrides": ["a=1"],
+        "metrics": {"dense/wikitext2/ppl": 3.5},
+        "stages_done": ["dense"],
+    }
     (tmp_path / "metrics.json").write_text(json.dumps(old))
     rec = RunRecord.read(tmp_path / "metrics.json")
     assert rec.metrics == {"dense/wikitext2/ppl": 3.5} and rec.schema == 1 and rec.attempts == []

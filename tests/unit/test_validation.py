@@ -128,8 +128,11 @@ def test_validate_loaded_context_and_ignore(compose, tiny_opt):
     limit = model.config.max_position_embeddings
     names = _layer_names(model, [])
     validate_loaded(compose(), model, names)
-    with pytest.raises(ConfigError, match=rf"data.seqlen={2 * limit}: longer than the model's context "
-                                          rf"\(max_position_embeddings={limit}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.seqlen={2 * limit}: longer than the model's context "
+        rf"\(max_position_embeddings={limit}\)",
+    ):
         validate_loaded(compose([f"data.seqlen={2 * limit}"]), model, names)
     with pytest.raises(ConfigError, match=rf"benchmark.ppl.seqlen={limit + 1}: .*{limit}"):
         validate_loaded(compose([f"benchmark.ppl.seqlen={limit + 1}"]), model, names)
@@ -140,8 +143,9 @@ def test_validate_loaded_context_and_ignore(compose, tiny_opt):
 
 def test_model_files_identity(tmp_path):
     assert model_files_identity({"_target_": "sds_exp.models.loading.build_tiny", "family": "opt"}) == {}
-    hub = model_files_identity({"_target_": "sds_exp.models.loading.load_pretrained",
-                                "name_or_path": "facebook/opt-125m", "revision": "abc"})
+    hub = model_files_identity(
+        {"_target_": "sds_exp.models.loading.load_pretrained", "name_or_path": "facebook/opt-125m", "revision": "abc"}
+    )
     assert hub == {"kind": "hub", "name_or_path": "facebook/opt-125m", "revision": "abc", "gguf_file": None}
     folder = tmp_path / "m"
     folder.mkdir()

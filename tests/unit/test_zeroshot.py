@@ -92,9 +92,7 @@ def test_written_configs_are_absolute(tmp_path: Path) -> None:
     written = zs.write_task_configs(["piqa", "storycloze_2016"], root, tmp_path / "cfg")
     piqa = yaml.safe_load(written["piqa"].read_text())
     assert Path(piqa["include"]).is_absolute() and Path(piqa["include"]).is_file()
-    assert piqa["dataset_kwargs"]["data_files"] == {
-        "validation": str(root / "lm-eval-tasks/piqa/validation.hf.jsonl")
-    }
+    assert piqa["dataset_kwargs"]["data_files"] == {"validation": str(root / "lm-eval-tasks/piqa/validation.hf.jsonl")}
     story = yaml.safe_load(written["storycloze_2016"].read_text())
     assert set(story["dataset_kwargs"]["data_files"]) == {"validation", "test"}
 
