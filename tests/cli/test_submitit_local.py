@@ -54,6 +54,11 @@ def test_two_job_multirun_through_submitit_local(tmp_path):
     proc, sweep = run_sweep(tmp_path, "-m", "hydra/launcher=local_parallel", *SMOKE, "sparsity=0.5,0.6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
+    for num in (0, 1):  # the launcher reports each job as it ends, with the job's own record
+        assert (
+            f"job #{num} ended" in proc.stdout + proc.stderr
+            and "COMPLETED, metrics.json completed" in proc.stdout + proc.stderr
+        )
     jobs = completed_jobs(sweep)
     assert sorted(jobs) == ["0", "1"]
     assert [jobs[n]["config"].sparsity for n in ("0", "1")] == [0.5, 0.6]

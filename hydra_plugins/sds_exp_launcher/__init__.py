@@ -1,0 +1,1 @@
+"""sds_exp's Hydra launcher plugins (Hydra discovers plugins only inside the ``hydra_plugins`` namespace)."""
