@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 
-from sds_exp.compose import add_override_arguments, choices, compose_config, options
+from sds_exp.compose import add_override_arguments, choices, compose_for_command, options
 from sds_exp.data.sources import wikitext2_rows
 from sds_exp.evaluation.perplexity import perplexity
 from sds_exp.models.blocks import decoder_blocks
@@ -151,10 +150,7 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_intermixed_args(argv)
     overrides = hydra_overrides(args)
-    try:
-        cfg = compose_config(overrides, output_dir=args.out)
-    except HydraException as exc:
-        p.error(f"{exc}")
+    cfg = compose_for_command(p, overrides, output_dir=args.out)
     chosen = choices()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device, seqlen = cfg.device, int(cfg.data.seqlen)

@@ -10,7 +10,6 @@ the job failed or was killed, history/ and attempts/ when reruns replaced or wer
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import random
 import shutil
@@ -40,7 +39,7 @@ from sds_exp.model_card import model_card
 from sds_exp.models.loading import resolve_dtype
 from sds_exp.provenance import STAGE_ORDER
 from sds_exp.sds.stages import prunable_layers
-from sds_exp.tracking.results import environment, write_json
+from sds_exp.tracking.results import environment, sha256_file, write_json
 from sds_exp.validation import validate_config, validate_loaded
 
 __all__ = ["run", "build", "Parts"]
@@ -166,7 +165,7 @@ def _provenance(cfg: DictConfig) -> dict[str, Any]:
     target = str(cfg.data.get("_target_", ""))
     if target.endswith("from_ids"):
         path = Path(cfg.data.path)
-        data = {"source": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        data = {"source": "file", "path": str(path), "sha256": sha256_file(path)}
     else:
         name = {"c4": "c4_calibration", "wikitext2": "wikitext2_train"}.get(target.rsplit(".", 1)[-1])
         data = mirror_provenance(cfg.paths.data_dir, dataset_files(name)) if name else {"source": target}

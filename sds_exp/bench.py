@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sds_exp.compose import add_override_arguments, choices, compose_config, options, override_key
+from sds_exp.compose import add_override_arguments, choices, compose_config, compose_for_command, options, override_key
 from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
 from sds_exp.models.blocks import decoder_blocks, find_linears
 from sds_exp.models.loading import DTYPES, resolve_dtype
@@ -451,10 +450,7 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_intermixed_args(argv)
     overrides = bench_overrides(args)
-    try:
-        cfg = compose_config(overrides, output_dir=args.out)
-    except HydraException as exc:
-        p.error(f"{exc}")
+    cfg = compose_for_command(p, overrides, output_dir=args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = run(args, cfg, overrides)
     out = Path(args.out)

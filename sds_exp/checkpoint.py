@@ -15,7 +15,6 @@ teacher weights are re-read from the freshly loaded model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sds_exp.faults import fault_point
-from sds_exp.tracking.results import fsync_dir, write_json
+from sds_exp.tracking.results import fsync_dir, sha256_file, write_json
 
 __all__ = ["StageStore", "Restored", "CheckpointError", "save_checkpoint", "load_saved"]
 
@@ -41,14 +40,6 @@ KEEP = 2  # committed stages kept on disk: the newest and the one to fall back t
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_synced(tensors: dict[str, Tensor], path: Path) -> None:
@@ -131,7 +122,7 @@ class StageStore:
         manifest = {
             f"{stage}/{kind}.safetensors": {
                 "size": (final / f"{kind}.safetensors").stat().st_size,
-                "sha256": _sha256(final / f"{kind}.safetensors"),
+                "sha256": sha256_file(final / f"{kind}.safetensors"),
             }
             for kind in files
         }  # hashed as read back from disk: what a resume will find
@@ -210,7 +201,7 @@ class StageStore:
                 return f"{path} is missing"
             if path.stat().st_size != meta["size"]:
                 return f"{path} has {path.stat().st_size} bytes, {meta['size']} were committed (truncated?)"
-            if _sha256(path) != meta["sha256"]:
+            if sha256_file(path) != meta["sha256"]:
                 return f"{path} does not match its committed SHA-256"
         return None
 

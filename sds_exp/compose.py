@@ -25,7 +25,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sds_exp.resources import conf_dir
 
-__all__ = ["CONF_DIR", "ROOT", "add_override_arguments", "choices", "compose_config", "options", "override_key"]
+__all__ = [
+    "CONF_DIR",
+    "ROOT",
+    "add_override_arguments",
+    "choices",
+    "compose_config",
+    "compose_for_command",
+    "options",
+    "override_key",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = conf_dir()  # <checkout>/conf, or sds_exp/conf inside an installed wheel
@@ -124,3 +133,14 @@ def add_override_arguments(parser) -> None:
         metavar="key=value",
         help="one more Hydra override (repeatable); same as a trailing key=value",
     )
+
+
+def compose_for_command(parser, overrides: Sequence[str], *, output_dir: str | Path | None = None) -> DictConfig:
+    """:func:`compose_config` for a command line tool: a Hydra error (an unknown option or key) becomes the
+    parser's usage error, naming it."""
+    from hydra.errors import HydraException
+
+    try:
+        return compose_config(overrides, output_dir=output_dir)
+    except HydraException as exc:
+        parser.error(f"{exc}")

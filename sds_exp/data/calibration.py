@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sds_exp.data.sources import c4_documents, dataset_files, mirror_dir, wikitext2_rows
-from sds_exp.data.tokens import files_identity, memoised, tokenizer_fingerprint
+from sds_exp.data.sources import c4_documents, wikitext2_rows
+from sds_exp.data.tokens import dataset_identity, memoised, tokenizer_fingerprint
 
 __all__ = ["sample_document_windows", "sample_stream_windows", "c4", "wikitext2", "from_ids"]
 
@@ -77,17 +77,11 @@ def sample_document_windows(docs: list[list[int]], nsamples: int, seqlen: int, r
     return torch.stack(windows)
 
 
-def _mirror_identity(data_dir: str | Path | None, dataset: str) -> list:
-    """The mirror files behind ``dataset`` (path, size, mtime), or the hub."""
-    root = mirror_dir(data_dir)
-    return files_identity(root / rel for rel in dataset_files(dataset)) if root is not None else ["hub"]
-
-
 def c4(tokenizer, data_dir: str | Path | None, seed: int = 0, nsamples: int = 128, seqlen: int = 2048) -> Tensor:
     """C4 calibration windows (mirror: its calibration half; hub: c4-train.00000-of-01024)."""
     _check(nsamples, seqlen)
     docs = memoised(  # the pool is tokenized once per process (sweeps, tests), not once per job
-        ["c4/calibration", tokenizer_fingerprint(tokenizer), _mirror_identity(data_dir, "c4_calibration")],
+        ["c4/calibration", tokenizer_fingerprint(tokenizer), dataset_identity(data_dir, "c4_calibration")],
         lambda: tokenizer(c4_documents("calibration", data_dir), add_special_tokens=True)["input_ids"],
     )
     return sample_document_windows(docs, nsamples, seqlen, random.Random(seed))
@@ -97,7 +91,7 @@ def wikitext2(tokenizer, data_dir: str | Path | None, seed: int = 0, nsamples: i
     """WikiText2-train calibration windows from ``" ".join(rows)`` (mirror: the first 1 MB of train rows)."""
     _check(nsamples, seqlen)
     ids = memoised(
-        ["wikitext2/train", tokenizer_fingerprint(tokenizer), _mirror_identity(data_dir, "wikitext2_train")],
+        ["wikitext2/train", tokenizer_fingerprint(tokenizer), dataset_identity(data_dir, "wikitext2_train")],
         lambda: tokenizer(" ".join(wikitext2_rows("train", data_dir)), return_tensors="pt").input_ids[0],
     )
     return sample_stream_windows(ids, nsamples, seqlen, random.Random(seed))

@@ -10,11 +10,12 @@ a file the list does not name only logs a warning.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
+
+from sds_exp.tracking.results import sha256_file  # re-exported: the readers hash through this name
 
 __all__ = [
     "MirrorError",
@@ -31,7 +32,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUMS_FILE = "SHA256SUMS"
-_CHUNK = 1 << 20  # 1 MiB
 
 # (absolute path, size, mtime_ns) -> sha256 hex digest, for this process
 _MEMORY: dict[tuple[str, int, int], str] = {}
@@ -61,15 +61,6 @@ def configure_cache(path: str | Path | None) -> None:
 def default_cache_file() -> Path | None:
     """The cache file set by :func:`configure_cache` (None: memory only)."""
     return _CACHE_FILE
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_sums(data_dir: str | Path) -> dict[str, str] | None:

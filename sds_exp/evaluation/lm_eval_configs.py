@@ -25,11 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for <task>.yaml (lm_eval --include_path)")
     parser.add_argument("--data-dir", default=os.environ.get("SDS_DATA_DIR"), help="the data mirror")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.data_dir:
         parser.error("--data-dir (or $SDS_DATA_DIR) must name the data mirror")
     written = write_task_configs([t for t in args.tasks.split(",") if t], args.data_dir, args.out)
     for task, path in written.items():
-        print(f"{task}: {path}")  # noqa: T201 - the command's output
+        log.info("%s: %s", task, path)
     return 0
 
 

@@ -145,11 +145,9 @@ class StageEvaluator:
 
     def token_ids(self, dataset: str) -> Tensor:
         if dataset not in self._ids:
-            from sds_exp.data.sources import dataset_files, mirror_dir
-            from sds_exp.data.tokens import files_identity, memoised, tokenizer_fingerprint
+            from sds_exp.data.tokens import dataset_identity, memoised, tokenizer_fingerprint
 
-            root = mirror_dir(self.data_dir)
-            files = files_identity(root / f for f in dataset_files(dataset)) if root is not None else ["hub"]
+            files = dataset_identity(self.data_dir, dataset)
             key = ["eval", dataset, self.ppl.seqlen, tokenizer_fingerprint(self.tokenizer), files]
             self._ids[dataset] = memoised(
                 key, lambda: eval_token_ids(dataset, self.tokenizer, self.data_dir, self.ppl.seqlen)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from sds_exp.reporting import build_table, collect_jobs, plot_sparsity_sweep
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, write the plot, print its path; returns the exit code."""
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = build_table(collect_jobs(*args.sweep_dirs), [], ppl_dataset=args.ppl_dataset, stage=args.stage)
     out = args.out or args.sweep_dirs[0] / "table" / "ppl_vs_sparsity.png"
-    print(plot_sparsity_sweep(table, out, log_y=not args.linear))  # noqa: T201
+    log.info("wrote %s", plot_sparsity_sweep(table, out, log_y=not args.linear))
     return 0
 
 

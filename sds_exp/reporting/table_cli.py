@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         stage=args.stage,
     )
     write_table(table, args.out or args.sweep_dirs[0] / "table", title=args.title)
-    print(to_markdown(table, args.title))  # noqa: T201 (the script's output)
+    sys.stdout.write(to_markdown(table, args.title) + "\n")  # the command's output (a pipeable table), not a log
     return 1 if args.strict and table.problems else 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "write_json", "read_json", "environment", "fsync_dir"]
+__all__ = ["atomic_write_text", "write_json", "read_json", "environment", "fsync_dir", "sha256_file"]
 
 PACKAGES = (
     "torch",
@@ -38,6 +39,15 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: result files readable by the group (mkstemp: 0600)
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | Path) -> None:
