@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-__all__ = ["ConfigError", "normalize_ignore", "validate_config", "validate_loaded"]
+__all__ = ["ConfigError", "check_component", "locate_target", "normalize_ignore", "validate_config", "validate_loaded"]
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +281,44 @@ def validate_config(cfg: DictConfig) -> None:
             f"pruner.needs_calibration={_get(pruner, 'needs_calibration')!r}: not a setting; it is a "
             f"property of the pruner class ({_get(pruner, '_target_')}). Remove the key"
         )
+    if pruner is not None:
+        check_component("pruner", pruner, cfg)
     _check_extras(cfg, bench)
     hist_layer = _get(cfg, "hist_layer")
     if hist_layer is not None and not isinstance(hist_layer, str):
         raise ConfigError(f"hist_layer={hist_layer!r}: must be null, 'auto' or an fnmatch pattern of a layer name")
+
+
+def locate_target(key: str, node) -> type:
+    """The class a config node's ``_target_`` names, or a ConfigError naming ``<key>._target_``."""
+    from hydra.utils import get_class
+
+    target = _get(node, "_target_")
+    if not isinstance(target, str):
+        raise ConfigError(f"{key}._target_={target!r}: must name a class, e.g. sds_exp.pruners.wanda.Wanda")
+    try:
+        return get_class(target)
+    except Exception as exc:  # hydra raises ImportError or ValueError depending on what is missing
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({exc.__class__.__name__})") from None
+
+
+def check_component(key: str, node, cfg: DictConfig | None = None) -> None:
+    """A component's own checks before anything loads: its class's ``check_config(node, cfg, key)``, if any.
+
+    A component whose validity depends on other keys (a nested base pruner, the job's dtype) raises
+    ``ValueError`` there; it is re-raised as a ConfigError.
+    """
+    cls = locate_target(key, node)
+    check = getattr(cls, "check_config", None)
+    if check is None:
+        return
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    try:
+        check(plain, cfg, key)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_extras(cfg: DictConfig, bench) -> None:

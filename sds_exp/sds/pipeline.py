@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from sds_exp.checkpoint import StageStore
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.reconstruct import ADJUST_SCORES, ReconstructSettings
-from sds_exp.sds.stages import prunable_layers, prune_model, reactivate_model, reprune_model, snapshot_weights
+from sds_exp.sds.stages import (
+    SpecLike,
+    prunable_layers,
+    prune_model,
+    reactivate_model,
+    reprune_model,
+    snapshot_weights,
+)
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
@@ -115,11 +122,15 @@ def run_sds(
     on_stage: Callable[[str, nn.Module], None] = lambda name, model: None,
     store: StageStore | None = None,
     timer: PhaseTimer | None = None,
+    allocation=None,
 ) -> SDSResult:
     """Run SDS (or the one-shot baseline when ``config.redense`` is False) on ``model`` in place.
 
     With a ``store``, the state after each stage is checkpointed, and a job that finds a checkpoint
     continues after its last finished stage (the dense teacher weights come from the freshly loaded model).
+    ``allocation`` (``sds_exp.allocation``) gives each layer its own ratio, computed on the dense model before
+    the first prune and reused by the re-prune and adjustment, or recomputed on the re-activated model when
+    its ``reprune`` is "recompute"; the ratios go into the checkpoint's reports for resume.
     """
     timer = timer or PhaseTimer()
     common = {"device": device, "batch_size": batch_size, "ignore": ignore, "timer": timer}
@@ -157,9 +168,25 @@ def run_sds(
         for phase, value in resumed.phases.items():
             timer.seconds[phase] += value
 
+    def allocate(key: str) -> SpecLike:
+        if allocation is None:
+            return spec
+        if key in reports:  # computed before a resume
+            ratios = {name: entry["ratio"] for name, entry in reports[key].items()}
+        else:
+            with timer(f"{'prune' if key == 'allocation' else 'reprune'}/allocation"):
+                ratios = allocation.ratios(model, calib, layers, spec, device=device, batch_size=batch_size)
+            if all(r == spec.ratio for r in ratios.values()) and set(ratios) == set(layers):
+                return spec  # uniform: the job's own target, N:M included; nothing to keep
+            reports[key] = {name: {"ratio": float(r)} for name, r in ratios.items()}
+        from sds_exp.allocation.base import layer_specs
+
+        return layer_specs(ratios, spec)
+
     if done < STAGES.index("prune"):  # step 1: one-shot prune
         t = clock()
-        first = prune_model(model, calib, pruner, spec, **common)
+        specs = allocate("allocation")
+        first = prune_model(model, calib, pruner, specs, **common)
         seconds["prune"] = clock() - t
         on_stage("prune", model)
         checkpoint("prune")
@@ -185,12 +212,14 @@ def run_sds(
             reprune_masks=resumed.reprune_masks or None,
         )
     t = clock()  # step 3: re-prune with fresh statistics, then adjust under a moving mask
+    recompute = allocation is not None and getattr(allocation, "reprune", "reuse") == "recompute"
+    specs = allocate("allocation_reprune" if recompute else "allocation")
     second = reprune_model(
         model,
         calib,
         dense,
         pruner,
-        spec,
+        specs,
         config.adjust,
         config.adjustment,
         adjust_group=config.adjust_group,

@@ -18,6 +18,7 @@ they are after this stage's own changes (the references' sequential protocol):
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,9 @@ __all__ = [
     "reprune_model",
     "RepruneOutcome",
     "ADJUST_MODES",
+    "SpecLike",
+    "spec_of",
+    "model_extras",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,15 +57,46 @@ def prunable_layers(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) 
     return find_linears(blocks, path, ignore)
 
 
-def validate_layers(layers: dict[str, nn.Linear], spec: SparsitySpec) -> None:
+SpecLike = SparsitySpec | Mapping[str, SparsitySpec]  # one target, or one per layer (a non-uniform allocation)
+
+
+def spec_of(spec: SpecLike, name: str) -> SparsitySpec:
+    """The layer's target: the single spec, or its entry in the per-layer mapping."""
+    if isinstance(spec, SparsitySpec):
+        return spec
+    if name not in spec:
+        raise KeyError(f"no sparsity target for layer {name} in the per-layer allocation ({len(spec)} layers)")
+    return spec[name]
+
+
+def model_extras(
+    pruner: Pruner, model: nn.Module, calib: Tensor, layers: dict[str, nn.Linear], device, batch_size, timer, phase
+) -> dict[str, Tensor] | None:
+    """A pruner's model-level statistics (Pruner-Zero's gradients) for this round, or None without the hook.
+
+    Called on the model as it is at the start of the round: dense, or re-activated for the re-prune.
+    """
+    prepare = getattr(pruner, "prepare", None)
+    if prepare is None:
+        return None
+    with timer(phase):
+        return prepare(model, calib, layers, device=device, batch_size=batch_size)
+
+
+def _prune_layer(pruner: Pruner, layer: nn.Linear, stats, spec: SparsitySpec, name: str, extras):
+    if extras is None:
+        return pruner.prune(layer.weight, stats, spec, name)
+    return pruner.prune(layer.weight, stats, spec, name, extra=extras.get(name))
+
+
+def validate_layers(layers: dict[str, nn.Linear], spec: SpecLike) -> None:
     """N:M needs every pruned layer's input width divisible by M; names the first that is not."""
-    if not spec.structured:
-        return
     for name, layer in layers.items():
-        if layer.in_features % spec.m:
+        target = spec_of(spec, name)
+        if target.structured and layer.in_features % target.m:
             raise ValueError(
-                f"layer {name} has in_features={layer.in_features}, not divisible by M={spec.m} of pattern "
-                f"{spec}; leave it dense with ignore=['{name}'] or choose another M"
+                f"layer {name} has in_features={layer.in_features}, not divisible by M={target.m} of pattern "
+                f"{target}; leave it dense with ignore=['{name}'] or choose another M"
             )
 
 
@@ -79,7 +114,7 @@ def prune_model(
     model: nn.Module,
     calib: Tensor,
     pruner: Pruner,
-    spec: SparsitySpec,
+    spec: SpecLike,
     *,
     device="cpu",
     batch_size: int = 8,
@@ -87,14 +122,19 @@ def prune_model(
     desc: str = "prune",
     timer: PhaseTimer | None = None,
 ) -> dict[str, Tensor]:
-    """Prune every block's linear layers in place; returns the keep-masks by layer name (CPU, bool)."""
+    """Prune every block's linear layers in place; returns the keep-masks by layer name (CPU, bool).
+
+    ``spec`` is one target for every layer or a per-layer mapping (a non-uniform allocation).
+    """
     timer = timer or PhaseTimer()
-    validate_layers(prunable_layers(model, ignore), spec)
+    all_layers = prunable_layers(model, ignore)
+    validate_layers(all_layers, spec)
     masks: dict[str, Tensor] = {}
+    extras = model_extras(pruner, model, calib, all_layers, device, batch_size, timer, "prune/model_stats")
     if not pruner.needs_calibration:
         with timer("prune/mask"):
-            for name, layer in prunable_layers(model, ignore).items():
-                result = pruner.prune(layer.weight, None, spec, name)
+            for name, layer in all_layers.items():
+                result = _prune_layer(pruner, layer, None, spec_of(spec, name), name, extras)
                 _write(layer, result.weight)
                 masks[name] = result.mask.cpu()
         return masks
@@ -107,7 +147,7 @@ def prune_model(
             stats = collect_stats(block, layers, stream, lambda lin: pruner.collector(lin.in_features, device))
         with timer("prune/mask"):
             for name, layer in layers.items():
-                result = pruner.prune(layer.weight, stats[name], spec, name)
+                result = _prune_layer(pruner, layer, stats[name], spec_of(spec, name), name, extras)
                 _write(layer, result.weight)
                 masks[name] = result.mask.cpu()
         del stats
@@ -196,7 +236,7 @@ def reprune_model(
     calib: Tensor,
     dense_weights: dict[str, Tensor],
     pruner: Pruner,
-    spec: SparsitySpec,
+    spec: SpecLike,
     adjust: str = "auto",
     settings: ReconstructSettings | None = None,
     *,
@@ -225,7 +265,9 @@ def reprune_model(
     if adjust_score not in ADJUST_SCORES:
         raise ValueError(f"adjust_score={adjust_score!r}; allowed: {', '.join(ADJUST_SCORES)}")
     timer = timer or PhaseTimer()
-    validate_layers(prunable_layers(model, ignore), spec)
+    all_layers = prunable_layers(model, ignore)
+    validate_layers(all_layers, spec)
+    extras = model_extras(pruner, model, calib, all_layers, device, batch_size, timer, "reprune/model_stats")
     with timer("reprune/capture"):
         xr = capture_block_inputs(model, calib, device, batch_size)
     xd = xr.clone()
@@ -252,7 +294,7 @@ def reprune_model(
         plains = {}
         with timer("reprune/mask"):
             for name, layer in layers.items():
-                plains[name] = pruner.prune(layer.weight, stats.get(name), spec, name)
+                plains[name] = _prune_layer(pruner, layer, stats.get(name), spec_of(spec, name), name, extras)
                 _write(layer, plains[name].weight)
         for group in groups:  # adjust in forward order: each group sees the adjusted groups before it
             if adjust != "false":
@@ -265,7 +307,7 @@ def reprune_model(
                 weight, mask = plain.weight, plain.mask
                 if adjust != "false":
                     scale = problem.A.diagonal().clamp_min(0).sqrt() if adjust_score == "wanda" else None
-                    project = magnitude_projector(spec, adjust_group, scale)
+                    project = magnitude_projector(spec_of(spec, name), adjust_group, scale)
                     with timer("adjust/optimise"):
                         W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
                     info["loss_adjusted"] = adj["loss_after"]
