@@ -93,6 +93,45 @@ def flops_per_token(model, seqlen: int) -> float:
     return linear + len(blocks) * 2 * seqlen * d_attn
 
 
+@torch.no_grad()
+def plain_loop_perplexity(model, ids: torch.Tensor, seqlen: int, device: str, max_windows: int | None) -> dict:
+    """The Wanda/SparseGPT evaluation loop as their repositories write it (``eval_ppl_wikitext``): batch 1,
+    full logits, ``CrossEntropyLoss`` over the shifted window, nll = loss * seqlen, ppl = exp(sum nll / tokens).
+    Written here as the peer baseline of the throughput ratio; not the project's code path."""
+    model.to(device)
+    nwindows = ids.numel() // seqlen
+    if max_windows is not None:
+        nwindows = min(nwindows, max_windows)
+    loss_fct = torch.nn.CrossEntropyLoss()
+    nlls = []
+    start = time.perf_counter()
+    for i in range(nwindows):
+        inputs = ids[i * seqlen : (i + 1) * seqlen].reshape(1, seqlen).to(device)
+        logits = model(inputs).logits
+        shift_logits = logits[:, :-1, :].contiguous()
+        shift_labels = inputs[:, 1:]
+        loss = loss_fct(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1))
+        nlls.append(loss.float() * seqlen)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    ppl = float(torch.exp(torch.stack(nlls).sum() / (nwindows * seqlen)))
+    return {"ppl": ppl, "windows": nwindows, "seconds": seconds, "tokens_per_s": nwindows * seqlen / seconds}
+
+
+def legacy_sds_config(config):
+    """The SDS settings as they were before the cost work: iterative re-activation, no teacher cache, a fixed
+    number of adjustment steps (same objective and hyperparameters: the numbers must agree)."""
+    from dataclasses import replace
+
+    return replace(
+        config,
+        reactivate=replace(config.reactivate, solver="iterative", prox_steps=0),
+        adjustment=replace(config.adjustment, tol=0.0),
+        cache_teacher=False,
+    )
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -231,6 +270,25 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
     results["ppl"]["bf16_vs_fp32_rel_diff"] = abs(
         results["ppl"]["bfloat16"]["ppl"] / results["ppl"]["float32"]["ppl"] - 1
     )
+    # the project's evaluation as a job runs it (its dtype and batch size) against the references' loop
+    eval_batch = int(cfg.benchmark.ppl.batch_size) if cfg.get("benchmark") and cfg.benchmark.get("ppl") else 1
+    model = copy.deepcopy(base)
+    ours = perplexity(
+        model, ids, seqlen, device, batch_size=eval_batch, max_windows=args.eval_windows, desc="bench ppl job"
+    )
+    plain = plain_loop_perplexity(model, ids, seqlen, device, args.eval_windows)
+    del model
+    results["ppl"]["job"] = {
+        "dtype": cfg.dtype,
+        "batch_size": eval_batch,
+        "ppl": ours.ppl,
+        "tokens_per_s": ours.ntokens / ours.seconds,
+        "fraction_of_peak": fpt
+        * ours.ntokens
+        / ours.seconds
+        / results["peak_flops"][str(dtype).removeprefix("torch.")],
+    }
+    results["ppl"]["plain_loop"] = {**plain, "dtype": cfg.dtype, "batch_size": 1}
 
     results["sizes"] = {}
     for nsamples in sizes:
@@ -255,32 +313,51 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
             size[pname + "_pass_memory_gib"] = mem.gib
             log.info("%d samples, %s: %s", nsamples, pname, {k: round(v, 2) for k, v in size[pname].items()})
             del model
-        model, timer = copy.deepcopy(base), PhaseTimer()
-        sds_key = f"sds_{sds_pruner}"
-        t = time.perf_counter()
-        with PassMemory() as mem:
-            result = run_sds(
-                model,
-                calib,
-                instantiate(pruner_nodes[sds_pruner]),
-                spec,
-                sds_config,
-                regularizer,
-                device=device,
-                batch_size=cfg.calib_batch_size,
-                ignore=ignore,
-                timer=timer,
+        variants = {f"sds_{sds_pruner}": sds_config}
+        if args.legacy:
+            variants[f"sds_{sds_pruner}_legacy"] = legacy_sds_config(sds_config)
+        finals = {}
+        for sds_key, config in variants.items():
+            model, timer = copy.deepcopy(base), PhaseTimer()
+            t = time.perf_counter()
+            with PassMemory() as mem:
+                result = run_sds(
+                    model,
+                    calib,
+                    instantiate(pruner_nodes[sds_pruner]),
+                    spec,
+                    config,
+                    regularizer,
+                    device=device,
+                    batch_size=cfg.calib_batch_size,
+                    ignore=ignore,
+                    timer=timer,
+                )
+            size[sds_key + "_pass_memory_gib"] = mem.gib
+            nlayers = max(1, len(result.masks))
+            steps = [r["adjust_steps"] for r in result.reports.get("reprune", {}).values() if "adjust_steps" in r]
+            size[sds_key] = {
+                "total_s": time.perf_counter() - t,
+                **{f"stage/{k}": v for k, v in result.seconds.items()},
+                **dict(timer.seconds),
+                "per_layer_reactivate_optimise_s": timer.seconds.get("reactivate/optimise", 0.0) / nlayers,
+                "per_layer_adjust_optimise_s": timer.seconds.get("adjust/optimise", 0.0) / nlayers,
+                "adjust_steps_mean": sum(steps) / len(steps) if steps else 0.0,
+                "adjust_steps_max": max(steps) if steps else 0.0,
+                "reprune_loss_adjusted_mean": _mean(result.reports.get("reprune", {}), "loss_adjusted"),
+                "reactivate_loss_after_mean": _mean(result.reports.get("reactivate", {}), "loss_after"),
+            }
+            log.info("%d samples, %s: %s", nsamples, sds_key, {k: round(v, 2) for k, v in size[sds_key].items()})
+            if args.eval_windows and args.sds_eval:  # the final model's ppl: the cheap path must not cost quality
+                r = perplexity(model, ids, seqlen, device, max_windows=args.eval_windows, desc=f"bench {sds_key}")
+                size[sds_key]["final_ppl"] = r.ppl
+            finals[sds_key] = {n: layer.weight.detach().clone() for n, layer in find_linears(*_blocks(model)).items()}
+            del model
+        if len(finals) == 2:  # how far the cheap path's final weights are from the legacy path's
+            a, b = finals.values()
+            size["sds_vs_legacy_weight_rel_diff"] = max(
+                float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-12)) for n in a
             )
-        size[sds_key + "_pass_memory_gib"] = mem.gib
-        nlayers = max(1, len(result.masks))
-        size[sds_key] = {
-            "total_s": time.perf_counter() - t,
-            **dict(timer.seconds),
-            "per_layer_reactivate_optimise_s": timer.seconds.get("reactivate/optimise", 0.0) / nlayers,
-            "per_layer_adjust_optimise_s": timer.seconds.get("adjust/optimise", 0.0) / nlayers,
-        }
-        log.info("%d samples, %s: %s", nsamples, sds_key, {k: round(v, 2) for k, v in size[sds_key].items()})
-        del model
         results["sizes"][str(nsamples)] = size
     big = results["sizes"][str(max(sizes))]
     results["memory"] = {
@@ -293,6 +370,16 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
         results["memory"]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["ratios"] = ratios(results)
     return results
+
+
+def _blocks(model):
+    path, blocks = decoder_blocks(model)
+    return blocks, path
+
+
+def _mean(report: dict, key: str) -> float:
+    vals = [r[key] for r in report.values() if key in r]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _div(a: float, b: float) -> float | None:
@@ -311,7 +398,15 @@ def ratios(r: dict) -> dict:
     extra = sds["total_s"] - sum(
         sds.get(k, 0.0) for k in ("prune/capture", "prune/stats_forward", "prune/mask", "prune/forward")
     )
+
+    def sds_cost(phases: dict) -> float:  # re-activate + re-prune + adjust: what SDS adds to the one-shot prune
+        return phases.get("stage/reactivate", 0.0) + phases.get("stage/reprune", 0.0)
+
     out = {
+        "sds_over_oneshot": _div(sds_cost(sds), plain["total_s"]),
+        "eval_over_plain_loop": _div(r["ppl"]["job"]["tokens_per_s"], r["ppl"]["plain_loop"]["tokens_per_s"]),
+        "eval_fraction_of_peak": r["ppl"]["job"]["fraction_of_peak"],
+        "eval_vs_plain_loop_ppl_rel_diff": abs(r["ppl"]["job"]["ppl"] / r["ppl"]["plain_loop"]["ppl"] - 1),
         "ppl_fp32_fraction_of_peak": r["ppl"]["float32"]["fraction_of_peak"],
         "ppl_bf16_fraction_of_peak": r["ppl"]["bfloat16"]["fraction_of_peak"],
         "ppl_bf16_vs_fp32_rel_diff": r["ppl"]["bf16_vs_fp32_rel_diff"],
@@ -321,9 +416,14 @@ def ratios(r: dict) -> dict:
     if "sparsegpt" in big:
         out["sparsegpt_obs_over_calib_forward"] = _div(big["sparsegpt"]["prune/mask"], forward(big["sparsegpt"]))
     out["sds_extra_over_plain_prune"] = _div(extra, plain["total_s"])
-    out["memory_peak_over_bound"] = r["memory"]["peak_rss_gib"] / r["memory"]["bound_gib"]
-    if r["memory"].get("sds_pass_gib") is not None:
-        out["sds_pass_memory_over_pass_bound"] = r["memory"]["sds_pass_gib"] / r["memory"]["pass_bound_gib"]
+    legacy = big.get(sds_key + "_legacy")
+    if isinstance(legacy, dict):
+        out["legacy_sds_over_oneshot"] = _div(sds_cost(legacy), plain["total_s"])
+        out["sds_speedup_over_legacy"] = _div(sds_cost(legacy), sds_cost(sds))
+        if "final_ppl" in sds and "final_ppl" in legacy:
+            out["sds_vs_legacy_final_ppl_rel_diff"] = sds["final_ppl"] / legacy["final_ppl"] - 1
+    if "sds_vs_legacy_weight_rel_diff" in big:
+        out["sds_vs_legacy_weight_rel_diff"] = big["sds_vs_legacy_weight_rel_diff"]
     if len(r["sizes"]) >= 2:
         lo, hi = sorted(map(int, r["sizes"]))[:2]
         a, b = r["sizes"][str(lo)][sds_key], r["sizes"][str(hi)][sds_key]
@@ -440,6 +540,25 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="calib_batch_size=N (default: the config's, 8)")
     p.add_argument("--eval-windows", default=8, type=int, help="perplexity windows timed per dtype")
+    p.add_argument(
+        "--legacy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run SDS the way it ran before the cost work (iterative re-activation, no teacher cache, "
+        "fixed adjustment steps) in the same process, for the before/after ratios (default: on)",
+    )
+    p.add_argument(
+        "--sds-eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate each SDS variant's final model on the --eval-windows windows (default: on)",
+    )
+    p.add_argument(
+        "--sparse-kernels",
+        action="store_true",
+        help="only time 2:4 sparse kernels (torch.sparse.to_sparse_semi_structured) against dense on the model's "
+        "linear shapes and end to end; on a CPU it says that no kernel exists and measures nothing",
+    )
     p.add_argument("--data-dir", help="paths.data_dir=X (default: the config's: $SDS_DATA_DIR, else ../shared/data)")
     p.add_argument("--out", default="outputs/bench")
     add_override_arguments(p)
@@ -452,9 +571,19 @@ def main(argv=None) -> None:
     overrides = bench_overrides(args)
     cfg = compose_for_command(p, overrides, output_dir=args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = run(args, cfg, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sparse_kernels:
+        from sds_exp import sparse_kernels
+
+        info = sparse_kernels.availability(cfg.device)
+        model = instantiate(cfg.model).model if info["available"] else None  # no load where nothing is measured
+        result = sparse_kernels.run(model, cfg.device, resolve_dtype(cfg.dtype))
+        (out / "sparse_kernels.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "sparse_kernels.md").write_text(sparse_kernels.markdown(result))
+        sys.stdout.write(sparse_kernels.markdown(result) + f"wrote {out / 'sparse_kernels.json'}\n")
+        return
+    result = run(args, cfg, overrides)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "bench.md").write_text(markdown(result))
     lines = [f"{key}: {value:.4g}" for key, value in result["ratios"].items()]

@@ -69,7 +69,11 @@ class L2:
 
     def prox(self, weight: Tensor, step: float) -> Tensor:
         """argmin_V ||V - W||^2 / (2 step) + lam * mean(V^2): a shrink by 1 / (1 + 2 step lam / numel)."""
-        return weight / (1 + 2 * step * self.lam / weight.numel())
+        return weight * self.shrink(weight.numel(), step)
+
+    def shrink(self, numel: int, step: float) -> float:
+        """The factor of the proximal map: linear, so the closed-form re-activation path includes it."""
+        return 1.0 / (1 + 2 * step * self.lam / numel)
 
 
 class RegularizerSum:

@@ -49,6 +49,7 @@ class GramStats:
         self.dd = torch.zeros(shape, dtype=dtype, device=device) if cross and teacher_gram else None
         self.tokens = 0
         self.nsamples = 0
+        self.cache: dict = {}  # per-input derived quantities (the spectrum of A), shared by the layers reading it
 
     @property
     def cross(self) -> bool:
@@ -56,6 +57,7 @@ class GramStats:
 
     def add(self, xs: Tensor, xd: Tensor | None = None) -> None:
         """Add one batch: ``xs``/``xd`` (batch, tokens, in) student/teacher inputs of the same tokens."""
+        self.cache.clear()
         self.nsamples += xs.shape[0] if xs.dim() == 3 else 1
         s = xs.reshape(-1, xs.shape[-1]).to(self.ss.dtype)
         self.tokens += s.shape[0]
@@ -90,7 +92,7 @@ class GramStats:
         else:
             P = Wd @ A
             c0 = float((Wd * P).sum())
-        return LayerProblem(A=A, P=P, c0=c0)
+        return LayerProblem(A=A, P=P, c0=c0, cache=self.cache)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class LayerProblem:
     A: Tensor  # (in, in), symmetric PSD
     P: Tensor  # (out, in)
     c0: float
+    cache: dict | None = None  # shared by the problems of one input (q/k/v): the spectrum of A, computed once
 
     def loss(self, W: Tensor, WA: Tensor | None = None) -> float:
         WA = W @ self.A if WA is None else WA

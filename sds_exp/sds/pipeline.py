@@ -50,6 +50,8 @@ class SDSConfig:
         adjustment: optimisation settings of the adjustment.
         adjust_group: comparison group of the top-|W| projection for unstructured sparsity.
         adjust_score: score of that projection: "magnitude" (|W|, the paper) or "wanda" (|W| * ||x_j||).
+        cache_teacher: keep each block's teacher layer inputs for its group passes (memory for speed, same
+            numbers; see :class:`sds_exp.sds.sequential.TeacherCache`).
     """
 
     redense: bool = True
@@ -59,6 +61,7 @@ class SDSConfig:
     adjustment: ReconstructSettings = field(default_factory=ReconstructSettings)
     adjust_group: str = "row"
     adjust_score: str = "magnitude"
+    cache_teacher: bool = True
 
     def __post_init__(self) -> None:
         self.adjust = str(self.adjust).lower()
@@ -196,7 +199,14 @@ def run_sds(
     if done < STAGES.index("reactivate"):  # step 2: dense re-activation with sparse regularisation
         t = clock()
         reports["reactivate"] = reactivate_model(
-            model, calib, dense, config.reactivate, regularizer, inputs=config.inputs, **common
+            model,
+            calib,
+            dense,
+            config.reactivate,
+            regularizer,
+            inputs=config.inputs,
+            cache_teacher=config.cache_teacher,
+            **common,
         )
         seconds["reactivate"] = clock() - t
         on_stage("reactivate", model)
@@ -224,6 +234,7 @@ def run_sds(
         config.adjustment,
         adjust_group=config.adjust_group,
         adjust_score=config.adjust_score,
+        cache_teacher=config.cache_teacher,
         **common,
     )
     seconds["reprune"] = clock() - t

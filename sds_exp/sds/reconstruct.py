@@ -24,16 +24,27 @@ import torch
 from torch import Tensor
 
 from sds_exp.pruners.masks import select_mask
+from sds_exp.sds.closed_form import closed_form_path, spectrum
 from sds_exp.sds.gram import LayerProblem
 from sds_exp.spec import SparsitySpec
 
-__all__ = ["ReconstructSettings", "ReconstructionDivergedError", "reconstruct", "magnitude_projector", "ADJUST_SCORES"]
+__all__ = [
+    "ReconstructSettings",
+    "ReconstructionDivergedError",
+    "reconstruct",
+    "magnitude_projector",
+    "ADJUST_SCORES",
+    "SOLVERS",
+]
 
 log = logging.getLogger(__name__)
 
 
 class ReconstructionDivergedError(RuntimeError):
     """The loss of a layer became NaN/inf or exploded."""
+
+
+SOLVERS = ("iterative", "closed_form")
 
 
 def _default_optimizer():
@@ -54,6 +65,14 @@ class ReconstructSettings:
         explode_floor: ... or of this absolute value, whichever is larger (an objective that starts at
             ~0, e.g. -1.9e-9 from rounding, would otherwise "explode" at +1.9e-9).
         check_every: evaluate the objective for that check every this many steps (and after the last).
+        solver: "iterative" (run the steps) or "closed_form" (the same k-step path of the quadratic and any
+            L2 term through one eigendecomposition per input, :mod:`sds_exp.sds.closed_form`; needs plain SGD
+            with ``precondition`` and no projection).
+        prox_steps: with ``closed_form`` and a penalty without a closed form (L1), the last this many of the
+            ``steps`` run iteratively with every term (0: the L1 term is not applied).
+        tol: stop early once, for ``patience`` consecutive checks, the mask (if projected) did not move and the
+            objective fell by less than this fraction of itself between checks; 0 runs every step.
+        patience: checks in a row that must meet ``tol``.
     """
 
     steps: int = 200
@@ -63,10 +82,32 @@ class ReconstructSettings:
     explode_factor: float = 100.0
     explode_floor: float = 1e-6
     check_every: int = 10
+    solver: str = "iterative"
+    prox_steps: int = 0
+    tol: float = 0.0
+    patience: int = 2
 
     def __post_init__(self) -> None:
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"steps={self.steps}; must be a non-negative integer")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver={self.solver!r}; allowed: {', '.join(SOLVERS)}")
+        if int(self.prox_steps) != self.prox_steps or not 0 <= self.prox_steps <= self.steps:
+            raise ValueError(f"prox_steps={self.prox_steps}; allowed: an integer in [0, steps={self.steps}]")
+        if not (math.isfinite(self.tol) and 0 <= self.tol < 1):
+            raise ValueError(f"tol={self.tol}; allowed: 0 <= tol < 1 (0: no early stop)")
+        if int(self.patience) != self.patience or self.patience < 1:
+            raise ValueError(f"patience={self.patience}; must be a positive integer (checks in a row)")
+        if self.solver == "closed_form":
+            func = getattr(self.optimizer, "func", self.optimizer)
+            kw = getattr(self.optimizer, "keywords", {})
+            plain = func is torch.optim.SGD and not any(kw.get(k) for k in ("momentum", "weight_decay", "nesterov"))
+            if not (self.precondition and plain):
+                raise ValueError(
+                    "solver=closed_form is the path of preconditioned plain SGD; it needs precondition=true and "
+                    f"optimizer torch.optim.SGD without momentum/weight_decay (got {func} {kw}, "
+                    f"precondition={self.precondition}); use solver=iterative for other optimisers"
+                )
         lr = getattr(self.optimizer, "keywords", {}).get("lr")
         ok = (0 < lr < 2) if self.precondition else (0 < lr <= 10) if lr is not None else True
         if lr is not None and (not math.isfinite(lr) or not ok):
@@ -163,19 +204,30 @@ def reconstruct(
     loss_before = problem.loss(W)
     reg_before = float(regularizer(W)) if regularizer is not None else 0.0
     start = loss_before + reg_before
-    B = None
-    use_prox = False
-    if settings.precondition:
-        B, delta = _damped_inverse(problem.A, settings.damp, name)
-        PB = problem.P @ B
-        # the penalty is applied by its proximal map with step lr / (mean curvature of the quadratic term):
-        # a Newton-scaled subgradient of L1 has no curvature to bound it and oscillates or diverges
-        reg_scale = 1.0 / float((torch.diag(problem.A) * (2.0 / W.shape[0])).mean().clamp_min(1e-12))
-        use_prox = regularizer is not None and hasattr(regularizer, "prox")
-    W.requires_grad_(True)
-    opt = settings.optimizer([W])
     limit = settings.explode_factor * max(start, settings.explode_floor)
     steps = int(settings.steps)
+    use_prox = settings.precondition and regularizer is not None and hasattr(regularizer, "prox")
+    # the penalty is applied by its proximal map with step lr / (mean curvature of the quadratic term):
+    # a Newton-scaled subgradient of L1 has no curvature to bound it and oscillates or diverges
+    reg_scale = 1.0 / float((torch.diag(problem.A) * (2.0 / W.shape[0])).mean().clamp_min(1e-12))
+    closed = 0
+    if settings.solver == "closed_form" and steps:
+        if project is not None:
+            raise ValueError(f"layer {name}: solver=closed_form cannot follow a projection (the adjustment)")
+        shrink, nonlinear = _linear_part(regularizer if use_prox else None, W.numel(), settings.lr * reg_scale)
+        closed = steps - settings.prox_steps if nonlinear else steps
+        if closed:
+            W = closed_form_path(
+                W, problem.P, spectrum(problem.A, problem.cache), settings.damp, settings.lr, closed, shrink
+            )
+        steps -= closed
+    B = None
+    if settings.precondition and steps:
+        B, delta = _damped_inverse(problem.A, settings.damp, name)
+        PB = problem.P @ B
+    W.requires_grad_(True)
+    opt = settings.optimizer([W])
+    taken, last, calm = steps, None, 0  # early stop: objective and mask at the last check, checks in a row met
     for step in range(steps):
         with torch.no_grad():
             if B is not None:  # preconditioned gradient (WA - P) B without forming WA (see _damped_inverse)
@@ -187,7 +239,14 @@ def reconstruct(
                 grad = problem.grad(W, WA)
             if step % settings.check_every == 0:  # divergence check (the loss costs one more product)
                 reg = float(regularizer(W)) if regularizer is not None else 0.0
-                _check(problem.loss(W, WA) + reg, limit, step, start, settings, name)
+                value = problem.loss(W, WA) + reg
+                _check(value, limit, step, start, settings, name)
+                if settings.tol and last is not None:
+                    calm = calm + 1 if _converged(last, value, mask, settings.tol, settings.explode_floor) else 0
+                    if calm >= settings.patience:
+                        taken = step
+                        break
+                last = (value, None if mask is None else mask.clone())
         W.grad = grad
         if regularizer is not None and not use_prox:
             with torch.enable_grad():
@@ -203,7 +262,7 @@ def reconstruct(
     W = W.detach()
     loss_after = problem.loss(W)
     reg_after = float(regularizer(W)) if regularizer is not None else 0.0
-    _check(loss_after + reg_after, limit, steps, start, settings, name)
+    _check(loss_after + reg_after, limit, closed + taken, start, settings, name)
     return (
         W,
         mask,
@@ -214,5 +273,31 @@ def reconstruct(
             "reg_after": reg_after,
             "objective_before": loss_before + reg_before,
             "objective_after": loss_after + reg_after,
+            "steps": float(closed + taken),
         },
     )
+
+
+def _converged(last: tuple, value: float, mask: Tensor | None, tol: float, floor: float) -> bool:
+    """Since the last check the mask did not move and the objective fell by less than ``tol`` of itself."""
+    prev, prev_mask = last
+    if mask is not None and (prev_mask is None or not torch.equal(mask, prev_mask)):
+        return False
+    return prev - value < tol * max(abs(value), floor)
+
+
+def _linear_part(regularizer, numel: int, step: float) -> tuple[float, bool]:
+    """(shrink, nonlinear): the product of the linear proximal maps' factors (L2: 1 / (1 + 2 step lam / numel)),
+    and whether a term without one (L1) is left."""
+    if regularizer is None:
+        return 1.0, False
+    terms = getattr(regularizer, "terms", None)
+    terms = list(terms.values()) if terms is not None else [regularizer]
+    shrink, nonlinear = 1.0, False
+    for term in terms:
+        factor = getattr(term, "shrink", None)
+        if factor is None:
+            nonlinear = True
+        else:
+            shrink *= factor(numel, step)
+    return shrink, nonlinear

@@ -20,7 +20,16 @@ from sds_exp.faults import fault_point
 from sds_exp.models.blocks import BlockInputs, StopForward, decoder_blocks, find_linears
 from sds_exp.sds.gram import GramStats, LayerProblem
 
-__all__ = ["walk_blocks", "collect_stats", "paired_pass", "LayerGrams", "dense_copy", "layer_groups", "output_energy"]
+__all__ = [
+    "walk_blocks",
+    "collect_stats",
+    "paired_pass",
+    "LayerGrams",
+    "TeacherCache",
+    "dense_copy",
+    "layer_groups",
+    "output_energy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +164,29 @@ def output_energy(y: Tensor) -> float:
     return float(torch.linalg.vector_norm(y, dtype=torch.float64) ** 2)
 
 
+class TeacherCache:
+    """The teacher block's per-layer inputs and output energies for every batch of one block.
+
+    The teacher (the dense block on the dense stream) never changes within a stage, so the group passes of
+    re-activation and adjustment need its inputs only once: the first pass records them (a full teacher
+    forward), the later ones skip the teacher. Memory: one tensor per distinct layer input (q/k/v share
+    one) per token, in the model's dtype, e.g. 4 inputs x 65,536 tokens x (3 x 576 + 1536) x 4 bytes = 0.85 GB
+    for SmolLM2 at 32 x 2048 in fp32.
+    """
+
+    def __init__(self) -> None:
+        self.inputs: list[dict[str, Tensor]] = []  # per batch: layer -> input
+        self.out_sq: dict[str, float] = {}
+        self.ready = False
+
+    def nbytes(self) -> int:
+        seen: dict[int, int] = {}
+        for batch in self.inputs:
+            for x in batch.values():
+                seen[id(x)] = x.numel() * x.element_size()
+        return sum(seen.values())
+
+
 class LayerGrams:
     """Per-layer Gram statistics of a paired pass and the teacher's output energy of each layer."""
 
@@ -180,6 +212,7 @@ def paired_pass(
     teacher_out: Tensor | None = None,
     only: set[str] | None = None,
     grams_needed: bool = True,
+    cache: TeacherCache | None = None,
 ) -> tuple[LayerGrams, dict[str, object]]:
     """One pass over a block with two streams: the teacher (dense block, dense inputs ``xd``) and the
     student (current block, inputs ``xs``), token-aligned.
@@ -188,13 +221,20 @@ def paired_pass(
     and, if ``make_extra`` is given, extra statistics (e.g. a pruner's) of the student inputs. Block
     outputs go to ``teacher_out`` when given. With ``only`` and no ``teacher_out``, each forward stops
     as soon as the last layer of ``only`` has been seen (a group early in the block costs little).
+    With a ``cache``, the first call records the teacher's inputs of every layer and later calls reuse them
+    instead of running the teacher (same numbers: the teacher and its inputs are fixed).
     """
     s_layers = find_linears(student, prefix, ignore)
     t_layers = find_linears(teacher, prefix, ignore)
+    record = cache is not None and not cache.ready
+    replay = cache is not None and cache.ready
+    if replay and teacher_out is not None:
+        raise ValueError("a replayed teacher cache has no block outputs; pass teacher_out on the recording call")
     if only is not None:  # statistics for these layers only (group-by-group reconstruction)
         s_layers = {n: lin for n, lin in s_layers.items() if n in only}
-        t_layers = {n: lin for n, lin in t_layers.items() if n in only}
-    stop_teacher = only is not None and teacher_out is None  # the teacher's block output is not needed
+        if not record:  # the recording pass sees every layer of the teacher
+            t_layers = {n: lin for n, lin in t_layers.items() if n in only}
+    stop_teacher = only is not None and teacher_out is None and not record  # the block output is not needed
     stop_student = only is not None
     device = xs.hidden.device
     grams = _SharedInputs(s_layers, lambda lin: GramStats(lin.in_features, device, cross=True, teacher_gram=False))
@@ -210,6 +250,8 @@ def paired_pass(
 
     def on_teacher(name: str, x: Tensor, y: Tensor) -> None:
         teacher_inputs[name] = x
+        if record:
+            cache.inputs[-1][name] = x
         layer = t_layers[name]
         if y.dtype in (torch.float32, torch.float64):
             y = y.float() if layer.bias is None else y.float() - layer.bias.float()
@@ -234,21 +276,26 @@ def paired_pass(
             layer.register_forward_hook(lambda m, a, o, _n=name: on_teacher(_n, a[0], o))
             for name, layer in t_layers.items()
         ]
-        if grams_needed
+        if (grams_needed or record) and not replay
         else []
     )
     handles = t_handles + _hooks(s_layers, on_student)
     try:
-        for sl, kwargs in xs.batches():
+        for b, (sl, kwargs) in enumerate(xs.batches()):
             grams.new_batch()
             if extra is not None:
                 extra.new_batch()
             teacher_inputs.clear()
             seen.clear()
-            try:
-                yt = teacher(xd.hidden[sl], **kwargs)
-            except StopForward:
-                yt = None
+            if replay:
+                teacher_inputs.update(cache.inputs[b])
+            else:
+                if record:
+                    cache.inputs.append({})
+                try:
+                    yt = teacher(xd.hidden[sl], **kwargs)
+                except StopForward:
+                    yt = None
             seen.clear()
             with contextlib.suppress(StopForward):
                 student(xs.hidden[sl], **kwargs)
@@ -257,4 +304,10 @@ def paired_pass(
     finally:
         for h in handles:
             h.remove()
+    if record:
+        cache.out_sq, cache.ready = dict(out_sq), True
+    if replay:
+        out_sq = {n: cache.out_sq[n] for n in t_layers}
+    elif record and only is not None:
+        out_sq = {n: v for n, v in out_sq.items() if n in only}
     return LayerGrams(grams.result() if grams_needed else {}, out_sq), (extra.result() if extra is not None else {})

@@ -28,7 +28,15 @@ from sds_exp.models.blocks import capture_block_inputs, decoder_blocks, find_lin
 from sds_exp.pruners.base import Pruner
 from sds_exp.sds.gram import GramStats
 from sds_exp.sds.reconstruct import ADJUST_SCORES, ReconstructSettings, magnitude_projector, reconstruct
-from sds_exp.sds.sequential import LayerGrams, collect_stats, dense_copy, layer_groups, paired_pass, walk_blocks
+from sds_exp.sds.sequential import (
+    LayerGrams,
+    TeacherCache,
+    collect_stats,
+    dense_copy,
+    layer_groups,
+    paired_pass,
+    walk_blocks,
+)
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
@@ -169,8 +177,13 @@ def reactivate_model(
     batch_size: int = 8,
     ignore: list[str] | tuple[str, ...] = (),
     timer: PhaseTimer | None = None,
+    cache_teacher: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """SDS step 2 in place: every linear becomes dense again; returns per-layer loss reports."""
+    """SDS step 2 in place: every linear becomes dense again; returns per-layer loss reports.
+
+    ``cache_teacher`` keeps the teacher's layer inputs of a block from its first group pass for the others
+    (:class:`~sds_exp.sds.sequential.TeacherCache`: memory for speed, same numbers).
+    """
     if inputs not in ("sparse", "dense"):
         raise ValueError(f"reactivate inputs={inputs!r}; allowed: 'sparse' (SD-data), 'dense' (DD-data)")
     timer = timer or PhaseTimer()
@@ -184,11 +197,20 @@ def reactivate_model(
         teacher = dense_copy(block, prefix, dense_weights)
         groups = layer_groups(block, prefix, xs if xs is not None else xd, ignore)
         grams = None  # a block left dense by `ignore` has no groups
+        cache = TeacherCache() if cache_teacher else None
         for g, group in enumerate(groups):  # in forward order, with fresh statistics for each group
             with timer("reactivate/gram_forward"):
                 if xs is not None:
                     grams, _ = paired_pass(
-                        block, teacher, prefix, xs, xd, ignore, only=set(group), teacher_out=xd_out if g == 0 else None
+                        block,
+                        teacher,
+                        prefix,
+                        xs,
+                        xd,
+                        ignore,
+                        only=set(group),
+                        teacher_out=xd_out if g == 0 else None,
+                        cache=cache,
                     )
                 else:
                     t_layers = {n: lin for n, lin in find_linears(teacher, prefix, ignore).items() if n in group}
@@ -202,7 +224,7 @@ def reactivate_model(
                     W, _, info = reconstruct(layers[name].weight, problem, settings, regularizer, name=name)
                     _write(layers[name], W)
                     report[name] = info
-        del teacher, grams
+        del teacher, grams, cache
         if xs is not None:
             with timer("reactivate/forward"):
                 run_block(block, xs, xs_out)  # through the re-activated block
@@ -246,6 +268,7 @@ def reprune_model(
     batch_size: int = 8,
     ignore: list[str] | tuple[str, ...] = (),
     timer: PhaseTimer | None = None,
+    cache_teacher: bool = True,
 ) -> RepruneOutcome:
     """SDS step 3 in place: prune the re-activated model again and adjust its weights.
 
@@ -278,6 +301,7 @@ def reprune_model(
     for _, block, prefix in walk_blocks(model, device, "reprune"):
         teacher = dense_copy(block, prefix, dense_weights)
         groups = layer_groups(block, prefix, xr, ignore)
+        cache = TeacherCache() if cache_teacher and adjust != "false" else None
         with timer("reprune/stats_forward"):  # the references' order: all layers from one pre-pruning pass
             grams, stats = paired_pass(
                 block,
@@ -289,6 +313,7 @@ def reprune_model(
                 make_extra=make,
                 teacher_out=xd_out,
                 grams_needed=adjust == "false",
+                cache=cache,
             )
         layers = find_linears(block, prefix, ignore)
         plains = {}
@@ -299,7 +324,7 @@ def reprune_model(
         for group in groups:  # adjust in forward order: each group sees the adjusted groups before it
             if adjust != "false":
                 with timer("adjust/gram_forward"):
-                    grams, _ = paired_pass(block, teacher, prefix, xr, xd, ignore, only=set(group))
+                    grams, _ = paired_pass(block, teacher, prefix, xr, xd, ignore, only=set(group), cache=cache)
             for name in group:
                 plain = plains[name]
                 problem = grams.problem(name, dense_weights[name])
@@ -311,6 +336,7 @@ def reprune_model(
                     with timer("adjust/optimise"):
                         W, M, adj = reconstruct(plain.weight, problem, settings, None, project=project, name=name)
                     info["loss_adjusted"] = adj["loss_after"]
+                    info["adjust_steps"] = adj["steps"]
                     keep = adjust == "true" or adj["loss_after"] < info["loss_plain"]
                     info["adjust_kept"] = float(keep)
                     if keep:
@@ -320,7 +346,7 @@ def reprune_model(
                 outcome.masks[name] = mask.cpu()
                 outcome.reprune_masks[name] = plain.mask.cpu()
                 outcome.report[name] = info
-        del teacher, grams, stats
+        del teacher, grams, stats, cache
         with timer("reprune/forward"):
             run_block(block, xr, xr_out)
         xr.hidden, xr_out = xr_out, xr.hidden

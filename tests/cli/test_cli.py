@@ -172,7 +172,15 @@ def test_bench_command_writes_numbers_and_ratios(tmp_path, data_dir):
         assert {"magnitude", "wanda", "sparsegpt", "sds_wanda"} <= set(size)
         assert size["sds_wanda"]["reactivate/optimise"] > 0 and size["sds_wanda"]["adjust/optimise"] > 0
     assert r["memory"]["sds_pass_gib"] is None or r["memory"]["sds_pass_gib"] >= 0
+    for size in r["sizes"].values():  # the pre-cost-work path, side by side in the same process
+        assert size["sds_wanda_legacy"]["adjust_steps_mean"] == 3
+        assert size["sds_vs_legacy_weight_rel_diff"] < 1e-3
+    assert r["ppl"]["plain_loop"]["ppl"] == pytest.approx(r["ppl"]["job"]["ppl"], rel=1e-4)
     for key in (
+        "sds_over_oneshot",
+        "legacy_sds_over_oneshot",
+        "eval_over_plain_loop",
+        "eval_fraction_of_peak",
         "wanda_mask_over_calib_forward",
         "sds_extra_over_plain_prune",
         "ppl_bf16_fraction_of_peak",
@@ -180,6 +188,22 @@ def test_bench_command_writes_numbers_and_ratios(tmp_path, data_dir):
     ):
         assert key in r["ratios"] and key in proc.stdout
     assert "SDS pass working set" in (out / "bench.md").read_text() or r["memory"]["sds_pass_gib"] is None
+
+
+def test_sparse_kernel_mode_on_cpu_says_it_measured_nothing(tmp_path):
+    out = tmp_path / "sk"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sds_exp.bench", "--sparse-kernels", "debug=tiny", "device=cpu", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((out / "sparse_kernels.json").read_text())
+    assert r["kernels"]["available"] is False and "CPU" in r["kernels"]["reason"]
+    assert set(r) == {"kernels"}  # no timings
+    assert "Not measured" in proc.stdout
 
 
 def test_pass_memory_sees_an_allocation_inside_the_pass():
