@@ -1,1 +1,2 @@
-"""One-shot pruners (magnitude, Wanda, SparseGPT) and the pure mask functions they share."""
+"""One-shot pruners (magnitude, Wanda, SparseGPT, RIA, ADMM, DSnoT, Pruner-Zero) and the pure mask functions they
+share; docs/pruners.md says how to add one."""

@@ -11,7 +11,15 @@ from torch import Tensor
 
 from sds_exp.spec import SparsitySpec
 
-__all__ = ["PruneResult", "StatsCollector", "Pruner", "RowNormStats", "HessianStats"]
+__all__ = [
+    "PruneResult",
+    "StatsCollector",
+    "Pruner",
+    "RowNormStats",
+    "HessianStats",
+    "InputMomentStats",
+    "CombinedStats",
+]
 
 
 @dataclass
@@ -82,3 +90,48 @@ class HessianStats:
         self.nsamples += batch
         x = math.sqrt(2 / self.nsamples) * inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
         self.H.addmm_(x.t(), x)
+
+
+class InputMomentStats:
+    """DSnoT's per-channel input statistics, fp32: Wanda's ``scaler_row``, the running mean over sequences of
+    sum_tokens x_j (``sum_metric_row``) and the token-weighted mean of each sequence's variance (``var``).
+
+    Matches ``WrappedGPT.add_batch`` in zyxxmu/DSnoT ``lib/layerwrapper.py`` (4c029df), whose hook sees one
+    sequence per call: ``var`` is the mean of within-sequence variances (``unbiased=False``), not the pooled
+    variance over all tokens. A batch of several sequences gives the same numbers as one call per sequence.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.scaler_row = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.sum_metric_row = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.var = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0  # sequences
+        self.ntokens = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        x = _as_3d(inp).float()  # (batch, tokens, in)
+        batch, tokens = x.shape[0], x.shape[1]
+        seq_var = x.var(dim=1, unbiased=False)  # (batch, in): each sequence's own variance over its tokens
+        self.var = (self.var * self.ntokens + seq_var.sum(0) * tokens) / (self.ntokens + batch * tokens)
+        self.ntokens += batch * tokens
+        scale = self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        self.scaler_row = self.scaler_row * scale + x.pow(2).sum((0, 1)) / self.nsamples
+        self.sum_metric_row = self.sum_metric_row * scale + x.sum((0, 1)) / self.nsamples
+
+
+class CombinedStats:
+    """Two collectors fed by the same inputs: a wrapped pruner's (``base``, None when it needs none) and
+    the wrapping pruner's own (``own``)."""
+
+    def __init__(self, base: StatsCollector | None, own: StatsCollector) -> None:
+        self.base, self.own = base, own
+
+    @property
+    def nsamples(self) -> int:
+        return getattr(self.own, "nsamples", 0)
+
+    def add_batch(self, inp: Tensor) -> None:
+        if self.base is not None:
+            self.base.add_batch(inp)
+        self.own.add_batch(inp)

@@ -37,7 +37,11 @@ class Magnitude:
     def collector(self, in_features: int, device: torch.device) -> None:
         return None
 
+    def scores(self, weight: Tensor, stats: object = None) -> Tensor:
+        """|W| (fp32): the score a mask-refining wrapper (DSnoT) ranks by."""
+        return weight.detach().abs().float()
+
     def prune(self, weight: Tensor, stats: object, spec: SparsitySpec, name: str = "") -> PruneResult:
         w = weight.detach().float()
-        mask = select_mask(w.abs(), spec, self.group)
+        mask = select_mask(self.scores(w), spec, self.group)
         return PruneResult(weight=w * mask, mask=mask)

@@ -42,9 +42,14 @@ class Wanda:
     def collector(self, in_features: int, device: torch.device) -> RowNormStats:
         return RowNormStats(in_features, device)
 
+    def scores(self, weight: Tensor, stats: RowNormStats) -> Tensor:
+        """|W| * ||X_j||_2 (fp32): the score a mask-refining wrapper (DSnoT) ranks by."""
+        w = weight.detach().float()
+        return wanda_scores(w, stats.scaler_row.to(w.device))
+
     def prune(self, weight: Tensor, stats: RowNormStats | None, spec: SparsitySpec, name: str = "") -> PruneResult:
         if stats is None or stats.nsamples == 0:
             raise ValueError(f"Wanda needs calibration statistics for layer {name or '?'}, got none")
         w = weight.detach().float()
-        mask = select_mask(wanda_scores(w, stats.scaler_row.to(w.device)), spec, self.group)
+        mask = select_mask(self.scores(w, stats), spec, self.group)
         return PruneResult(weight=w * mask, mask=mask)

@@ -17,7 +17,7 @@ def options(group):
 def test_expected_options_exist():
     assert {"smollm2_135m", "tiny_opt", "tiny_llama"} | HUB_MODELS <= set(options("model"))
     assert {"c4", "wikitext2", "ids"} <= set(options("data"))
-    assert {"magnitude", "wanda", "sparsegpt"} <= set(options("pruner"))
+    assert {"magnitude", "wanda", "sparsegpt", "ria", "admm", "dsnot", "pruner_zero"} <= set(options("pruner"))
     assert {"none", "l1", "l2", "l1_l2"} <= set(options("regularizer"))
     assert {"default", "prune_only", "no_adjust"} <= set(options("sds"))
 
