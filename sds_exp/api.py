@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sds_exp.allocation.base import Allocation
+from sds_exp.allocation.uniform import Uniform
 from sds_exp.checkpoint import StageStore
 from sds_exp.evaluation.sparsity import sparsity_report
 from sds_exp.pruners.base import Pruner
@@ -30,12 +32,13 @@ from sds_exp.sds.stages import prunable_layers
 from sds_exp.sds.timing import PhaseTimer
 from sds_exp.spec import SparsitySpec
 
-__all__ = ["Recipe", "Report", "prune", "calibration", "summarise"]
+__all__ = ["Recipe", "Report", "prune", "calibration", "summarise", "layer_targets"]
 
 
 @dataclass
 class Recipe:
-    """What is pruned and how: the objects the ``pruner``, ``regularizer`` and ``sds`` config groups build.
+    """What is pruned and how: the objects the ``pruner``, ``allocation``, ``regularizer`` and ``sds`` config
+    groups build.
 
     Args:
         pruner: a :class:`sds_exp.pruners.base.Pruner` (``Wanda()``, ``SparseGPT()``, ...).
@@ -43,6 +46,8 @@ class Recipe:
         sds: which SDS stages run and how (``SDSConfig(redense=False)`` is the one-shot baseline).
         regularizer: the re-activation's penalty (empty: none).
         ignore: fnmatch patterns of linear layers left dense.
+        allocation: how ``spec.ratio`` is shared out among the layers (:mod:`sds_exp.allocation`: ``Uniform()``,
+            ``OWL()``, ``FileAllocation(path)``).
     """
 
     pruner: Pruner
@@ -50,6 +55,7 @@ class Recipe:
     sds: SDSConfig = field(default_factory=SDSConfig)
     regularizer: RegularizerSum = field(default_factory=RegularizerSum)
     ignore: list[str] = field(default_factory=list)
+    allocation: Allocation = field(default_factory=Uniform)
 
     @classmethod
     def compose(
@@ -60,6 +66,7 @@ class Recipe:
         pattern: str = "unstructured",
         sds: str = "default",
         regularizer: str = "l1_l2",
+        allocation: str = "uniform",
         overrides: Sequence[str] = (),
     ) -> Recipe:
         """Build from config-group options by name, exactly as ``python -m sds_exp pruner=... sds=...`` would.
@@ -76,6 +83,7 @@ class Recipe:
                 f"pattern={pattern}",
                 f"sds={sds}",
                 f"regularizer={regularizer}",
+                f"allocation={allocation}",
                 *overrides,
             ]
         )
@@ -84,7 +92,7 @@ class Recipe:
     @classmethod
     def from_config(cls, cfg) -> Recipe:
         """From a composed job config (the nodes ``pruner``, ``sds``, ``regularizer``, ``sparsity``, ``pattern``,
-        ``ignore``)."""
+        ``ignore``, ``allocation``: uniform when absent)."""
         from hydra.utils import instantiate
 
         from sds_exp.validation import normalize_ignore
@@ -95,6 +103,7 @@ class Recipe:
             sds=instantiate(cfg.sds),
             regularizer=RegularizerSum({k: instantiate(v) for k, v in (cfg.regularizer or {}).items()}),
             ignore=normalize_ignore(cfg.get("ignore")),
+            allocation=instantiate(cfg.allocation) if cfg.get("allocation") is not None else Uniform(),
         )
 
 
@@ -192,26 +201,48 @@ def prune(
         on_stage=on_stage or (lambda name, m: None),
         store=store,
         timer=timer,
+        allocation=recipe.allocation,
     )
     summary, layers = summarise(result, prunable_layers(model, recipe.ignore), recipe.spec, timer)
     return Report(result=result, summary=summary, layers=layers)
 
 
+def layer_targets(result: SDSResult, layers: dict, spec: SparsitySpec) -> dict[str, float]:
+    """Each layer's target ratio for the final masks: the allocation's (the re-prune's when it recomputed them)."""
+    allocated = result.reports.get("allocation_reprune") or result.reports.get("allocation") or {}
+    return {n: float(allocated[n]["ratio"]) if n in allocated else spec.ratio for n in layers}
+
+
 def summarise(result: SDSResult, layers: dict, spec: SparsitySpec, timer: PhaseTimer) -> tuple[dict, dict]:
-    """Job-level numbers (stage times, mask sparsity and overlap, mean layer losses) and the per-layer report."""
+    """Job-level numbers (stage times, mask sparsity and overlap, mean layer losses) and the per-layer report.
+
+    ``sparsity/overall`` is pruned / prunable weights over every layer asked to prune, counted on the final
+    masks; with a non-uniform allocation it may differ from ``sparsity/target`` by the pruners' rounding to
+    whole weights (docs/allocation.md). The per-layer report has each layer's measured ``sparsity`` (exact
+    zeros) next to its ``target``.
+    """
     m = {f"time/{k}_s": v for k, v in result.seconds.items()}
     m.update({f"time/phase/{k}_s": v for k, v in timer.seconds.items()})
     sp = sparsity_report(layers, result.masks)
     m["final/sparsity/mask"] = sp["mask"]
+    m["sparsity/overall"] = sp["mask"]
     m["sparsity/target"] = spec.ratio
+    targets = layer_targets(result, layers, spec)
+    if targets and any(r != spec.ratio for r in targets.values()):
+        m["sparsity/allocation/min"] = min(targets.values())
+        m["sparsity/allocation/max"] = max(targets.values())
     if result.reprune_masks is not None:  # how much of the first mask the re-prune chose again
         m["reprune/mask_overlap"] = mask_overlap(result.first_masks, result.reprune_masks)
     if result.first_masks is not result.masks:  # ... and what is left of it after adjust moved it
         m["final/mask_overlap"] = mask_overlap(result.first_masks, result.masks)
     for stage, rep in result.reports.items():
-        for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept"):
+        for key in ("loss_before", "loss_after", "loss_plain", "loss_adjusted", "adjust_kept", "adjust_steps", "steps"):
             vals = [r[key] for r in rep.values() if key in r]
             if vals:
                 m[f"{stage}/recon/{key}_mean"] = sum(vals) / len(vals)
-    layer_report = {"sparsity": {k: v for k, v in sp.items() if k.startswith("layer/")}, "reports": result.reports}
+    layer_report = {
+        "sparsity": {k: v for k, v in sp.items() if k.startswith("layer/")},
+        "target": {f"layer/{n}": r for n, r in targets.items()},
+        "reports": result.reports,
+    }
     return m, layer_report

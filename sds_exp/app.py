@@ -169,10 +169,14 @@ def _provenance(cfg: DictConfig) -> dict[str, Any]:
     else:
         name = {"c4": "c4_calibration", "wikitext2": "wikitext2_train"}.get(target.rsplit(".", 1)[-1])
         data = mirror_provenance(cfg.paths.data_dir, dataset_files(name)) if name else {"source": target}
-    return {
+    out = {
         "data_provenance": data,
         "model_files": model_files_identity(OmegaConf.to_container(cfg.model, resolve=True)),
     }
+    allocation = cfg.get("allocation")
+    if allocation is not None and allocation.get("path") and Path(allocation.path).is_file():
+        out["allocation_file"] = sha256_file(Path(allocation.path))  # an edited ratio file under the same path
+    return out
 
 
 def _tracker(cfg: DictConfig, previous: dict[str, Any]):

@@ -30,6 +30,7 @@ __all__ = [
     "fingerprint",
     "resume_differences",
     "is_bookkeeping",
+    "ADDED_DEFAULTS",
 ]
 
 STAGE_ORDER = ("dense", "prune", "reactivate", "reprune", "adjust")
@@ -43,6 +44,8 @@ STAGE_KEYS: dict[str, str] = {
     "dtype": "prune",
     "allow_tf32": "prune",
     "pruner": "prune",
+    "allocation": "prune",  # the per-layer ratios of the first prune
+    "allocation.reprune": "reprune",  # whether the re-prune reuses them or recomputes them
     "ignore": "prune",
     # batched statistics sum in a different order: measured, 6 mask entries of a tiny LLaMA differ (8 vs 2)
     "calib_batch_size": "prune",
@@ -57,6 +60,7 @@ STAGE_KEYS: dict[str, str] = {
     "sds.adjust_score": "reprune",
     "data_provenance": "prune",  # not a config key: the calibration files' checksums (or hub revision)
     "model_files": "prune",  # not a config key: the model files' identity
+    "allocation_file": "prune",  # not a config key: the checksum of allocation=file's ratio file
 }
 EVALUATION_KEYS = ("benchmark",)
 WARN_KEYS = ("device",)
@@ -73,7 +77,19 @@ BOOKKEEPING_KEYS = (
     "experiment",
     "debug",
     "local",
+    "sds.cache_teacher",  # memory for speed: the same numbers with and without (test_cached_teacher_alone_is_exact)
 )
+
+# Keys added after checkpoints were first written, with the value that does what those older jobs did: a
+# checkpoint without the key resumes when the job has this value.
+ADDED_DEFAULTS: dict[str, Any] = {
+    "allocation._target_": "sds_exp.allocation.uniform.Uniform",
+    # the cost work: the iterative re-activation and a fixed number of adjustment steps
+    **{f"sds.{phase}.solver": "iterative" for phase in ("reactivate", "adjustment")},
+    **{f"sds.{phase}.prox_steps": 0 for phase in ("reactivate", "adjustment")},
+    **{f"sds.{phase}.tol": 0.0 for phase in ("reactivate", "adjustment")},
+    **{f"sds.{phase}.patience": 2 for phase in ("reactivate", "adjustment")},
+}
 
 
 def _matches(key: str, prefix: str) -> bool:
@@ -123,7 +139,8 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any], stage: st
     limit = STAGE_ORDER.index(stage)
     refuse, warn = [], []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        a = saved.get(key, ADDED_DEFAULTS.get(key, "<missing>"))
+        b = current.get(key, "<missing>")
         if a == b:
             continue
         line = f"{key}: {a!r} -> {b!r}"

@@ -283,6 +283,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if pruner is not None:
         check_component("pruner", pruner, cfg)
+    allocation = _get(cfg, "allocation")
+    if allocation is not None:  # the ratio file, OWL's lamda against the sparsity, N:M with a non-uniform one
+        check_component("allocation", allocation, cfg)
     _check_extras(cfg, bench)
     hist_layer = _get(cfg, "hist_layer")
     if hist_layer is not None and not isinstance(hist_layer, str):
@@ -343,8 +346,28 @@ def _all_linear_names(model) -> list[str]:
     return list(find_linears(blocks, path))
 
 
+def _check_allocation_loaded(cfg: DictConfig, model, layer_names: Sequence[str]) -> None:
+    """The allocation's checks against the prunable layers (a file's patterns), its ``check_loaded`` if any."""
+    node = _get(cfg, "allocation")
+    if node is None:
+        return
+    check = getattr(locate_target("allocation", node), "check_loaded", None)
+    if check is None:
+        return
+    modules = dict(model.named_modules())
+    layers = {n: modules[n] for n in layer_names if n in modules}
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    try:
+        check(plain, cfg, "allocation", layers)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def validate_loaded(cfg: DictConfig, model, layer_names: Sequence[str]) -> None:
-    """Checks that need the loaded model: window lengths against its context, and what ``ignore`` leaves.
+    """Checks that need the loaded model: window lengths against its context, what ``ignore`` leaves, and the
+    allocation's layer patterns.
 
     Args:
         cfg: the job config.
@@ -365,6 +388,7 @@ def validate_loaded(cfg: DictConfig, model, layer_names: Sequence[str]) -> None:
                     f"{key}={value}: longer than the model's context (max_position_embeddings="
                     f"{limit}); allowed: 2 .. {limit}"
                 )
+    _check_allocation_loaded(cfg, model, layer_names)
     patterns = normalize_ignore(_get(cfg, "ignore"))
     if not patterns:
         return
