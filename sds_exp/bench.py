@@ -170,15 +170,31 @@ class PassMemory:
             self.gib = (peak - self.before) / 2**20
 
 
-def memory_bound_gib(model, nsamples: int, seqlen: int, act_bytes: int, with_model: bool = True) -> float:
-    """model + 4 streams (dense/pruned x in/out) of one block + 3 Gram matrices per distinct input + 1 GiB."""
+def teacher_cache_widths(model) -> list[int]:
+    """Input widths of the first block's layer groups (q/k/v, o, gate/up, down): what a TeacherCache holds
+    per token."""
+    from sds_exp.models.blocks import capture_block_inputs
+    from sds_exp.sds.sequential import layer_groups
+
+    path, blocks = decoder_blocks(model)
+    inputs = capture_block_inputs(model, torch.zeros(1, 8, dtype=torch.long), "cpu", 1)
+    layers = find_linears(blocks[0], f"{path}.0")
+    return [layers[group[0]].in_features for group in layer_groups(blocks[0], f"{path}.0", inputs)]
+
+
+def memory_bound_gib(
+    model, nsamples: int, seqlen: int, act_bytes: int, with_model: bool = True, teacher_cache: bool = False
+) -> float:
+    """model + 4 streams (dense/pruned x in/out) of one block + 3 Gram matrices per distinct input + 1 GiB,
+    + the teacher's cached group inputs of one block when ``teacher_cache``."""
     params = sum(p.numel() * p.element_size() for p in model.parameters()) if with_model else 0
     hidden = model.config.hidden_size
     streams = 4 * nsamples * seqlen * hidden * act_bytes
     path, blocks = decoder_blocks(model)
     widths = {lin.in_features for lin in find_linears(blocks[0], "").values()}
     grams = sum(3 * 4 * w * w for w in widths) * 3  # q/k/v, o, gate/up, down: at most ~3 inputs per width
-    return (params + streams + grams) / 2**30 + 1.0
+    cache = sum(teacher_cache_widths(model)) * nsamples * seqlen * act_bytes if teacher_cache else 0
+    return (params + streams + grams + cache) / 2**30 + 1.0
 
 
 def instantiate_regularizer(cfg: DictConfig) -> RegularizerSum | None:
@@ -364,7 +380,12 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
         "peak_rss_gib": peak_rss_gib(),
         "bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize),
         "sds_pass_gib": big[f"sds_{sds_pruner}_pass_memory_gib"],
-        "pass_bound_gib": memory_bound_gib(base, max(sizes), seqlen, base.dtype.itemsize, with_model=False),
+        "pass_bound_gib": memory_bound_gib(
+            base, max(sizes), seqlen, base.dtype.itemsize, with_model=False, teacher_cache=sds_config.cache_teacher
+        ),
+        "teacher_cache_gib": sum(teacher_cache_widths(base)) * max(sizes) * seqlen * base.dtype.itemsize / 2**30
+        if sds_config.cache_teacher
+        else 0.0,
     }
     if torch.cuda.is_available():
         results["memory"]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -69,7 +69,7 @@ class ReconstructSettings:
             L2 term through one eigendecomposition per input, :mod:`sds_exp.sds.closed_form`; needs plain SGD
             with ``precondition`` and no projection).
         prox_steps: with ``closed_form`` and a penalty without a closed form (L1), the last this many of the
-            ``steps`` run iteratively with every term (0: the L1 term is not applied).
+            ``steps`` (all of them if fewer) run iteratively with every term (0: the L1 term is not applied).
         tol: stop early once, for ``patience`` consecutive checks, the mask (if projected) did not move and the
             objective fell by less than this fraction of itself between checks; 0 runs every step.
         patience: checks in a row that must meet ``tol``.
@@ -92,8 +92,8 @@ class ReconstructSettings:
             raise ValueError(f"steps={self.steps}; must be a non-negative integer")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver={self.solver!r}; allowed: {', '.join(SOLVERS)}")
-        if int(self.prox_steps) != self.prox_steps or not 0 <= self.prox_steps <= self.steps:
-            raise ValueError(f"prox_steps={self.prox_steps}; allowed: an integer in [0, steps={self.steps}]")
+        if int(self.prox_steps) != self.prox_steps or self.prox_steps < 0:
+            raise ValueError(f"prox_steps={self.prox_steps}; allowed: a non-negative integer (at most `steps` run)")
         if not (math.isfinite(self.tol) and 0 <= self.tol < 1):
             raise ValueError(f"tol={self.tol}; allowed: 0 <= tol < 1 (0: no early stop)")
         if int(self.patience) != self.patience or self.patience < 1:
@@ -215,7 +215,7 @@ def reconstruct(
         if project is not None:
             raise ValueError(f"layer {name}: solver=closed_form cannot follow a projection (the adjustment)")
         shrink, nonlinear = _linear_part(regularizer if use_prox else None, W.numel(), settings.lr * reg_scale)
-        closed = steps - settings.prox_steps if nonlinear else steps
+        closed = max(steps - int(settings.prox_steps), 0) if nonlinear else steps
         if closed:
             W = closed_form_path(
                 W, problem.P, spectrum(problem.A, problem.cache), settings.damp, settings.lr, closed, shrink

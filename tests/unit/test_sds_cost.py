@@ -92,7 +92,7 @@ def test_closed_form_settings_are_checked():
     with pytest.raises(ValueError, match="closed_form"):
         ReconstructSettings(solver="closed_form", optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="prox_steps"):
-        ReconstructSettings(steps=10, prox_steps=11)
+        ReconstructSettings(steps=10, prox_steps=-1)
     with pytest.raises(ValueError, match="tol"):
         ReconstructSettings(tol=1.5)
 
