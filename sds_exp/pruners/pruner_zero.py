@@ -107,6 +107,7 @@ class PrunerZero:
     grad_batch_size: int | None = None
     grad_nsamples: int | None = None
     needs_calibration: ClassVar[bool] = True  # the gradients need calibration windows
+    display_name: ClassVar[str] = "Pruner-Zero"  # how tables name it
 
     def __post_init__(self) -> None:
         if self.group not in ("row", "matrix"):

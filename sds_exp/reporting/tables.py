@@ -315,9 +315,24 @@ def _display_names(jobs: list[JobRecord], key: str, fallback: Callable[[JobRecor
     return names
 
 
+def _class_display_name(target: object) -> str:
+    """A pruner class's ``display_name`` ("Pruner-Zero"), else its class name; importable or not."""
+    from hydra.utils import get_class
+
+    name = str(target).rsplit(".", 1)[-1]
+    try:
+        return getattr(get_class(str(target)), "display_name", name)
+    except Exception:  # a record from another checkout: its class name is the best we have
+        return name
+
+
 def _pruner_name(job: JobRecord) -> str | None:
     target = job.value("pruner._target_")
-    return str(target).rsplit(".", 1)[-1] if target else None
+    if not target:
+        return None
+    name = _class_display_name(target)
+    base = job.value("pruner.base._target_")  # a wrapper (DSnoT) is named with what it wraps: "DSnoT(Wanda)"
+    return f"{name}({_class_display_name(base)})" if base else name
 
 
 def _model_name(job: JobRecord) -> str | None:

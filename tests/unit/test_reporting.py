@@ -31,6 +31,10 @@ MODELS = {"opt125m": "facebook/opt-125m", "opt350m": "facebook/opt-350m"}
 PRUNERS = {
     "sparsegpt": "sds_exp.pruners.sparsegpt.SparseGPT",
     "wanda": "sds_exp.pruners.wanda.Wanda",
+    "admm": "sds_exp.pruners.admm.ADMM",
+    "ria": "sds_exp.pruners.ria.RIA",
+    "pruner_zero": "sds_exp.pruners.pruner_zero.PrunerZero",
+    "dsnot": "sds_exp.pruners.dsnot.DSnoT",
 }
 BASE_CHOICES = {
     "model": "opt125m",
@@ -74,7 +78,9 @@ def resolved_config(s: dict) -> dict:
             "_target_": "sds_exp.models.loading.load_pretrained",
             "name_or_path": MODELS[s["model"]],
         },
-        "pruner": {"_target_": PRUNERS[s["pruner"]]},
+        "pruner": {"_target_": PRUNERS[s["pruner"]]}
+        if s["pruner"] != "dsnot"
+        else {"_target_": PRUNERS["dsnot"], "base": {"_target_": PRUNERS["wanda"]}},
         "regularizer": {} if s["regularizer"] == "none" else {"l1": {"lam": s.get("regularizer.l1.lam", 0.1)}},
         "sds": {
             "redense": s["sds"] != "prune_only",
@@ -499,6 +505,20 @@ def test_directory_of_single_runs(tmp_path):
     assert "| 2:4 | Wanda | 50.00 |" in md and "| 2:4 | SparseGPT | 50.00 |" in md
     assert "| 0% | Dense | 20.50 |" in md
     assert "Dense wikitext2/ppl of opt-125m differs between jobs (20.00 to 21.00)" in md
+
+
+def test_rows_of_the_field_pruners_are_named_as_papers_name_them(tmp_path):
+    for pruner in ("admm", "ria", "pruner_zero", "dsnot"):
+        for sds, stages in (("prune_only", ["dense", "prune"]), ("default", ["dense", "prune", "adjust"])):
+            write_job(
+                tmp_path / "runs" / f"{pruner}_{sds}",
+                None,
+                [f"pruner={pruner}", f"sds={sds}", 'pattern="2:4"'],
+                stage_metrics(stages, {"dense": 20.0, "prune": 50.0, "adjust": 40.0}),
+            )
+    md = to_markdown(build_table(collect_jobs(tmp_path / "runs"), []))
+    for name in ("ADMM", "RIA", "Pruner-Zero", "DSnoT(Wanda)"):
+        assert f"| 2:4 | {name} | 50.00 |" in md and f"| 2:4 | SDS-{name} | 40.00 |" in md, md
 
 
 def test_evaluation_only_overrides_do_not_split_rows(tmp_path):
