@@ -25,6 +25,7 @@ from sds_exp.allocation.base import Allocation
 from sds_exp.allocation.uniform import Uniform
 from sds_exp.checkpoint import StageStore
 from sds_exp.evaluation.sparsity import sparsity_report
+from sds_exp.models.blocks import check_unprunable_params
 from sds_exp.pruners.base import Pruner
 from sds_exp.regularizers.norms import RegularizerSum
 from sds_exp.sds.pipeline import SDSConfig, SDSResult, mask_overlap, run_sds
@@ -187,6 +188,7 @@ def prune(
         store: stage checkpoints, to resume a killed call.
     """
     recipe = recipe if recipe is not None else Recipe.compose(**compose)
+    check_unprunable_params(model, recipe.ignore)  # weights the pruners would skip silently: refused by name
     timer = timer or PhaseTimer()
     result = run_sds(
         model,

@@ -36,6 +36,7 @@ from sds_exp.evaluation.stage_eval import (
 )
 from sds_exp.job import Job
 from sds_exp.model_card import model_card
+from sds_exp.models.blocks import check_unprunable_params
 from sds_exp.models.loading import resolve_dtype
 from sds_exp.provenance import STAGE_ORDER
 from sds_exp.sds.stages import prunable_layers
@@ -97,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             loaded = instantiate(cfg.model)
             names = list(prunable_layers(loaded.model, parts.recipe.ignore))
             validate_loaded(cfg, loaded.model, names)
+            check_unprunable_params(loaded.model, parts.recipe.ignore)  # fused MoE experts: refused by name
             calib = instantiate(cfg.data)(tokenizer=loaded.tokenizer, data_dir=cfg.paths.data_dir, seed=cfg.seed)
         job.add_metrics({"time/load_s": job.timer.seconds.pop("load")})
         log.info(

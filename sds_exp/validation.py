@@ -157,6 +157,12 @@ def _check_data(data) -> None:
         if value is not None:
             check(f"data.{key}", value)
     target = str(_get(data, "_target_", ""))
+    pool = _get(data, "pool", where="data")
+    if pool is not None:
+        from sds_exp.data.calibration import C4_POOLS
+
+        if pool not in C4_POOLS:
+            raise ConfigError(f"data.pool={pool!r}; allowed: {', '.join(C4_POOLS)}")
     if not target.endswith("from_ids"):
         return
     try:
@@ -283,6 +289,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if pruner is not None:
         check_component("pruner", pruner, cfg)
+    sds = _get(cfg, "sds")
+    if sds is not None:
+        check_component("sds", sds, cfg)
     allocation = _get(cfg, "allocation")
     if allocation is not None:  # the ratio file, OWL's lamda against the sparsity, N:M with a non-uniform one
         check_component("allocation", allocation, cfg)
@@ -313,15 +322,31 @@ def check_component(key: str, node, cfg: DictConfig | None = None) -> None:
     """
     cls = locate_target(key, node)
     check = getattr(cls, "check_config", None)
-    if check is None:
-        return
     plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     try:
-        check(plain, cfg, key)
+        if check is not None:
+            check(plain, cfg, key)
+        _build(key, node)  # the class's own __post_init__ checks (ranges of its settings): building it is cheap
     except ConfigError:
         raise
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _build(key: str, node) -> None:
+    """Instantiate a component node; the ValueError its class raised (not Hydra's wrapper) on a bad value."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{key}: {cause}" if not str(cause).startswith(key) else str(cause)) from None
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _check_extras(cfg: DictConfig, bench) -> None:

@@ -5,6 +5,12 @@ global-``random`` draws of the references: repeatedly pick a random document unt
 LONGER than ``seqlen``, then a random offset ``randint(0, len - seqlen - 1)``. Documents are tokenized once,
 so the draw sequence is the same and no loop can run forever: when no document is long enough the
 sampler falls back (with a warning) to windows of the concatenated documents.
+
+C4 pool (``data.pool``): the mirror's 2,000 documents are split, [0, 1000) for calibration and [1000, 2000)
+for C4 perplexity, so by default (``calibration``) the windows are drawn from 1,000 documents where the
+references draw from their whole pool. ``all`` draws from all 2,000 in file order, the reference sampler on
+the mirror's whole file; C4 perplexity then overlaps calibration (a WARNING says so). From the hub both
+are the references' c4-train shard, disjoint from the C4 perplexity documents (c4-validation).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sds_exp.data.sources import c4_documents, wikitext2_rows
+from sds_exp.data.sources import c4_documents, mirror_dir, wikitext2_rows
 from sds_exp.data.tokens import dataset_identity, memoised, tokenizer_fingerprint
 
-__all__ = ["sample_document_windows", "sample_stream_windows", "c4", "wikitext2", "from_ids"]
+__all__ = ["sample_document_windows", "sample_stream_windows", "c4", "C4_POOLS", "wikitext2", "from_ids"]
 
 log = logging.getLogger(__name__)
+
+C4_POOLS = ("calibration", "all")
 
 
 def _check(nsamples: int, seqlen: int) -> None:
@@ -77,13 +85,39 @@ def sample_document_windows(docs: list[list[int]], nsamples: int, seqlen: int, r
     return torch.stack(windows)
 
 
-def c4(tokenizer, data_dir: str | Path | None, seed: int = 0, nsamples: int = 128, seqlen: int = 2048) -> Tensor:
-    """C4 calibration windows (mirror: its calibration half; hub: c4-train.00000-of-01024)."""
+def c4(
+    tokenizer,
+    data_dir: str | Path | None,
+    seed: int = 0,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    pool: str = "calibration",
+) -> Tensor:
+    """C4 calibration windows (mirror: its calibration half, or all 2,000 documents with ``pool="all"``;
+    hub: c4-train.00000-of-01024 for either pool).
+
+    Raises:
+        ValueError: ``pool`` is not one of :data:`C4_POOLS`.
+    """
+    if pool not in C4_POOLS:
+        raise ValueError(f"data.pool={pool!r}; allowed: {', '.join(C4_POOLS)}")
     _check(nsamples, seqlen)
-    docs = memoised(  # the pool is tokenized once per process (sweeps, tests), not once per job
-        ["c4/calibration", tokenizer_fingerprint(tokenizer), dataset_identity(data_dir, "c4_calibration")],
-        lambda: tokenizer(c4_documents("calibration", data_dir), add_special_tokens=True)["input_ids"],
-    )
+    parts = ["calibration"]
+    if pool == "all" and mirror_dir(data_dir) is not None:
+        parts.append("evaluation")  # [0, 1000) + [1000, 2000): the file's order
+        log.warning(
+            "data.pool=all: calibration windows are drawn from all 2,000 mirror C4 documents, as the references "
+            "draw from their whole pool; the C4 perplexity documents [1000, 2000) are among them, so C4 "
+            "perplexity now overlaps calibration (WikiText2 is unaffected)"
+        )
+    elif pool == "all":
+        log.info("data.pool=all from the hub: the references' c4-train shard, as for pool=calibration")
+    docs: list[list[int]] = []
+    for part in parts:  # each half tokenized once per process (sweeps, tests), not once per job
+        docs += memoised(
+            [f"c4/{part}", tokenizer_fingerprint(tokenizer), dataset_identity(data_dir, "c4_calibration")],
+            lambda part=part: tokenizer(c4_documents(part, data_dir), add_special_tokens=True)["input_ids"],
+        )
     return sample_document_windows(docs, nsamples, seqlen, random.Random(seed))
 
 

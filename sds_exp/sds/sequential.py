@@ -108,7 +108,7 @@ def collect_stats(
 
     handles = _hooks(layers, fn)
     try:
-        for sl, kwargs in inputs.batches():
+        for sl, kwargs in inputs.batches(block):
             shared.new_batch()
             y = block(inputs.hidden[sl], **kwargs)
             if out is not None:
@@ -138,7 +138,7 @@ def layer_groups(
 
     handles = _hooks(layers, fn)
     try:
-        sl, kwargs = next(iter(inputs.batches()))
+        sl, kwargs = next(iter(inputs.batches(block)))
         block(inputs.hidden[sl], **kwargs)
     finally:
         for h in handles:
@@ -281,7 +281,7 @@ def paired_pass(
     )
     handles = t_handles + _hooks(s_layers, on_student)
     try:
-        for b, (sl, kwargs) in enumerate(xs.batches()):
+        for b, (sl, kwargs) in enumerate(xs.batches(student)):
             grams.new_batch()
             if extra is not None:
                 extra.new_batch()

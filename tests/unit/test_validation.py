@@ -67,6 +67,14 @@ BAD = [
     (["ignore=5"], "ignore=5: must be an fnmatch pattern"),
     (["+pruner.needs_calibration=false"], "pruner.needs_calibration=False: not a setting"),
     (["hist_layer=5"], "hist_layer=5: must be null, 'auto' or an fnmatch pattern"),
+    (["data.pool=everything"], "data.pool='everything'; allowed: calibration, all"),
+    (["pruner=ria", "pruner.a=0"], "pruner.a=0"),
+    (["pruner=ria", "pruner.a=2.5"], "pruner.a=2.5"),
+    (["pruner=admm", "pruner.iterations=0"], "pruner.iterations=0"),
+    (["pruner=dsnot", "pruner.base._target_=sds_exp.pruners.nosuch.Pruner"], "pruner.base._target_="),
+    (["pruner=dsnot", "pruner.base._target_=sds_exp.pruners.dsnot.DSnoT"], "pruner.base._target_="),
+    (["pruner=wanda", "pruner._target_=sds_exp.pruners.nosuch.X"], "pruner._target_='sds_exp.pruners.nosuch.X'"),
+    (["sds.reactivate.solver=newton"], "solver='newton'; allowed: iterative, closed_form"),
 ]
 
 
