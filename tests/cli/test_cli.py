@@ -172,9 +172,10 @@ def test_bench_command_writes_numbers_and_ratios(tmp_path, data_dir):
         assert {"magnitude", "wanda", "sparsegpt", "sds_wanda"} <= set(size)
         assert size["sds_wanda"]["reactivate/optimise"] > 0 and size["sds_wanda"]["adjust/optimise"] > 0
     assert r["memory"]["sds_pass_gib"] is None or r["memory"]["sds_pass_gib"] >= 0
-    for size in r["sizes"].values():  # the pre-cost-work path, side by side in the same process
-        assert size["sds_wanda_legacy"]["adjust_steps_mean"] == 3
-        assert size["sds_vs_legacy_weight_rel_diff"] < 1e-3
+    big = r["sizes"]["4"]  # the pre-cost-work path, side by side in the same process, at the largest size
+    assert big["sds_wanda_legacy"]["adjust_steps_mean"] == 3 and "sds_wanda_legacy" not in r["sizes"]["2"]
+    assert big["sds_vs_legacy_weight_rel_diff"] < 1e-2
+    assert "sds_vs_legacy_final_val_ppl_rel_diff" in r["ratios"]
     assert r["ppl"]["plain_loop"]["ppl"] == pytest.approx(r["ppl"]["job"]["ppl"], rel=1e-4)
     for key in (
         "sds_over_oneshot",
