@@ -273,6 +273,9 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
     results["ppl"] = {}
     for name in ("float32", "bfloat16"):
         model = copy.deepcopy(base).to(resolve_dtype(name))
+        # one untimed window first: the first forward of a fresh copy pays page faults and kernel set-up
+        # (measured on CPU: 83 s for 8 windows cold, 11 s warm)
+        perplexity(model, ids, seqlen, device, max_windows=1, desc=f"bench warm-up {name}")
         r = perplexity(model, ids, seqlen, device, max_windows=args.eval_windows, desc=f"bench ppl {name}")
         tps = r.ntokens / r.seconds
         results["ppl"][name] = {
@@ -391,6 +394,15 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
     }
     if torch.cuda.is_available():
         results["memory"]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # the peak again at the end, the best of both: a slow spell at the start (another process on the cores)
+    # once put the fp32 peak below what the evaluation itself then achieved
+    for name in list(results["peak_flops"]):
+        results["peak_flops"][name] = max(results["peak_flops"][name], matmul_peak(resolve_dtype(name), device))
+    for name in ("float32", "bfloat16"):
+        p = results["ppl"][name]
+        p["fraction_of_peak"] = p["flops"] / results["peak_flops"][name]
+    job = results["ppl"]["job"]
+    job["fraction_of_peak"] = fpt * job["tokens_per_s"] / results["peak_flops"][str(dtype).removeprefix("torch.")]
     results["ratios"] = ratios(results)
     return results
 
@@ -425,8 +437,12 @@ def ratios(r: dict) -> dict:
     def sds_cost(phases: dict) -> float:  # re-activate + re-prune + adjust: what SDS adds to the one-shot prune
         return phases.get("stage/reactivate", 0.0) + phases.get("stage/reprune", 0.0)
 
+    def oneshot(phases: dict) -> float:  # the run's own first prune: same process state, code and data
+        return phases.get("stage/prune") or plain["total_s"]
+
     out = {
-        "sds_over_oneshot": _div(sds_cost(sds), plain["total_s"]),
+        "sds_over_oneshot": _div(sds_cost(sds), oneshot(sds)),
+        "sds_over_separate_oneshot_run": _div(sds_cost(sds), plain["total_s"]),
         "eval_over_plain_loop": _div(r["ppl"]["job"]["tokens_per_s"], r["ppl"]["plain_loop"]["tokens_per_s"]),
         "eval_fraction_of_peak": r["ppl"]["job"]["fraction_of_peak"],
         "eval_vs_plain_loop_ppl_rel_diff": abs(r["ppl"]["job"]["ppl"] / r["ppl"]["plain_loop"]["ppl"] - 1),
@@ -441,7 +457,7 @@ def ratios(r: dict) -> dict:
     out["sds_extra_over_plain_prune"] = _div(extra, plain["total_s"])
     legacy = big.get(sds_key + "_legacy")
     if isinstance(legacy, dict):
-        out["legacy_sds_over_oneshot"] = _div(sds_cost(legacy), plain["total_s"])
+        out["legacy_sds_over_oneshot"] = _div(sds_cost(legacy), oneshot(legacy))
         out["sds_speedup_over_legacy"] = _div(sds_cost(legacy), sds_cost(sds))
         if "final_val_ppl" in sds and "final_val_ppl" in legacy:
             out["sds_vs_legacy_final_val_ppl_rel_diff"] = sds["final_val_ppl"] / legacy["final_val_ppl"] - 1

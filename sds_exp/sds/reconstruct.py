@@ -70,9 +70,11 @@ class ReconstructSettings:
             with ``precondition`` and no projection).
         prox_steps: with ``closed_form`` and a penalty without a closed form (L1), the last this many of the
             ``steps`` (all of them if fewer) run iteratively with every term (0: the L1 term is not applied).
-        tol: stop early once, for ``patience`` consecutive checks, the mask (if projected) did not move and the
-            objective fell by less than this fraction of itself between checks; 0 runs every step.
+        tol: stop early once, for ``patience`` consecutive checks, the mask (if projected) moved in at most
+            ``mask_tol`` of its entries and the objective fell by less than this fraction of itself between
+            checks; 0 runs every step.
         patience: checks in a row that must meet ``tol``.
+        mask_tol: fraction of mask entries that may still flip between two checks of a converged run (0: none).
     """
 
     steps: int = 200
@@ -86,6 +88,7 @@ class ReconstructSettings:
     prox_steps: int = 0
     tol: float = 0.0
     patience: int = 2
+    mask_tol: float = 0.0
 
     def __post_init__(self) -> None:
         if int(self.steps) != self.steps or self.steps < 0:
@@ -96,6 +99,8 @@ class ReconstructSettings:
             raise ValueError(f"prox_steps={self.prox_steps}; allowed: a non-negative integer (at most `steps` run)")
         if not (math.isfinite(self.tol) and 0 <= self.tol < 1):
             raise ValueError(f"tol={self.tol}; allowed: 0 <= tol < 1 (0: no early stop)")
+        if not (math.isfinite(self.mask_tol) and 0 <= self.mask_tol < 1):
+            raise ValueError(f"mask_tol={self.mask_tol}; allowed: 0 <= mask_tol < 1 (a fraction of the mask's entries)")
         if int(self.patience) != self.patience or self.patience < 1:
             raise ValueError(f"patience={self.patience}; must be a positive integer (checks in a row)")
         if self.solver == "closed_form":
@@ -242,7 +247,7 @@ def reconstruct(
                 value = problem.loss(W, WA) + reg
                 _check(value, limit, step, start, settings, name)
                 if settings.tol and last is not None:
-                    calm = calm + 1 if _converged(last, value, mask, settings.tol, settings.explode_floor) else 0
+                    calm = calm + 1 if _converged(last, value, mask, settings) else 0
                     if calm >= settings.patience:
                         taken = step
                         break
@@ -278,12 +283,17 @@ def reconstruct(
     )
 
 
-def _converged(last: tuple, value: float, mask: Tensor | None, tol: float, floor: float) -> bool:
-    """Since the last check the mask did not move and the objective fell by less than ``tol`` of itself."""
+def _converged(last: tuple, value: float, mask: Tensor | None, settings: ReconstructSettings) -> bool:
+    """Since the last check at most ``mask_tol`` of the mask flipped and the objective fell by less than ``tol``
+    of itself."""
     prev, prev_mask = last
-    if mask is not None and (prev_mask is None or not torch.equal(mask, prev_mask)):
-        return False
-    return prev - value < tol * max(abs(value), floor)
+    if mask is not None:
+        if prev_mask is None:
+            return False
+        flipped = int((mask != prev_mask).sum())
+        if flipped > settings.mask_tol * mask.numel():
+            return False
+    return prev - value < settings.tol * max(abs(value), settings.explode_floor)
 
 
 def _linear_part(regularizer, numel: int, step: float) -> tuple[float, bool]:
