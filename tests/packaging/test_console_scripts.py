@@ -39,7 +39,7 @@ def test_help_page():
     assert not out.startswith("__main__ is powered by Hydra") and "powered by Hydra." not in out.splitlines()[0]
     assert out.startswith("sds-exp (python -m sds_exp): Sparse-Dense-Sparse (SDS) pruning")
     for line in (
-        "pruner: magnitude, sparsegpt, wanda",
+        "pruner: admm, dsnot, magnitude, pruner_zero, ria, sparsegpt, wanda",
         "sds: default, no_adjust, prune_only",
         "debug: tiny",
         "sds-exp debug=tiny ",
