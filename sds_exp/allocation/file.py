@@ -113,6 +113,7 @@ class FileAllocation:
     renormalize: bool = False
     rounding: str = "target"
     needs_calibration: ClassVar[bool] = False
+    display_name: ClassVar[str] = "File"  # tables: "File-Wanda"
     reprune: ClassVar[str] = "reuse"  # the ratios do not depend on the weights
     entries: dict[str, float] = field(init=False, repr=False)
 

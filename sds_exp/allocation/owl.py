@@ -122,6 +122,7 @@ class OWL:
     reprune: str = "reuse"
     rounding: str = "target"
     needs_calibration: ClassVar[bool] = True
+    display_name: ClassVar[str] = "OWL"  # tables: "OWL-Wanda", "SDS-OWL-Wanda"
 
     def __post_init__(self) -> None:
         for key in ("hyper_m", "lamda"):

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 STATUSES = (*RECORD_STATUSES, "missing")
 # Overridden keys that are table coordinates (or bookkeeping), never a row variant.
-COORDINATE_KEYS = {"model", "pruner", "sds", "pattern", "sparsity", "seed", "experiment"}
+COORDINATE_KEYS = {"model", "pruner", "allocation", "sds", "pattern", "sparsity", "seed", "experiment"}
 BOOKKEEPING_PREFIXES = (
     *provenance.BOOKKEEPING_KEYS,
     # evaluation extras that leave the table's numbers as they are (a zero-shot suite
@@ -393,6 +393,7 @@ class JobLabel:
         baseline: True for a one-shot job (``sds.redense`` false).
         seed: the job's seed (None if unknown).
         variant: ``((key, value), ...)``: overridden keys whose values vary in the collection.
+        allocation: the allocation choice (``uniform``, ``owl``, ``file``); uniform for records without one.
     """
 
     model: str
@@ -404,6 +405,7 @@ class JobLabel:
     baseline: bool
     seed: Any
     variant: tuple[tuple[str, str], ...]
+    allocation: str = "uniform"
 
 
 def _is_variant_key(key: str) -> bool:
@@ -458,6 +460,7 @@ def describe_jobs(jobs: list[JobRecord]) -> list[JobLabel]:
                 baseline=not redense,
                 seed=job.value("seed"),
                 variant=tuple((k, text(k, job.value(k))) for k in varying),
+                allocation=job.choices.get("allocation") or "uniform",
             )
         )
     return labels

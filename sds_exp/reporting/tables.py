@@ -335,6 +335,11 @@ def _pruner_name(job: JobRecord) -> str | None:
     return f"{name}({_class_display_name(base)})" if base else name
 
 
+def _allocation_name(job: JobRecord) -> str | None:
+    target = job.value("allocation._target_")
+    return _class_display_name(target) if target else None
+
+
 def _model_name(job: JobRecord) -> str | None:
     path = job.value("model.name_or_path")
     return str(path).rstrip("/").rsplit("/", 1)[-1] if path else None
@@ -394,30 +399,37 @@ def build_table(
     model_names = _display_names(jobs, "model", _model_name)
     model_names.update({n.model: n.model_name for n in paper if n.model in models})
     pruner_names = _display_names(jobs, "pruner", _pruner_name)
+    allocation_names = _display_names(jobs, "allocation", _allocation_name)
     patterns = list(dict.fromkeys(lab.pattern for lab in labels))
     pruners = list(dict.fromkeys(lab.pruner for lab in labels))
 
-    def method(lab: JobLabel) -> str:
+    def base_name(lab: JobLabel) -> str:  # "Wanda", or with its layer-wise allocation "OWL-Wanda"
         name = pruner_names.get(lab.pruner, lab.pruner)
+        if lab.allocation != "uniform":
+            name = f"{allocation_names.get(lab.allocation, lab.allocation)}-{name}"
+        return name
+
+    def method(lab: JobLabel) -> str:
+        name = base_name(lab)
         if lab.baseline:
             return name
         return f"SDS-{name}" + ("" if lab.sds == "default" else f" ({lab.sds})")
 
     # A row per (pattern, pruner, baseline/SDS, method, variant). A pruner with no prune_only job
     # for a model and pattern gets its baseline cell from the prune stage of that model's SDS jobs.
-    has_baseline = {(lab.model, lab.pattern, lab.pruner) for lab in labels if lab.baseline}
+    has_baseline = {(lab.model, lab.pattern, lab.pruner, lab.allocation) for lab in labels if lab.baseline}
     members: dict[tuple, list[tuple[JobRecord, JobLabel, bool]]] = {}
     for job, lab in pairs:
         members.setdefault((lab.pattern, lab.pruner, not lab.baseline, method(lab), lab.variant), []).append(
             (job, lab, False)
         )
-        if not lab.baseline and (lab.model, lab.pattern, lab.pruner) not in has_baseline:
+        if not lab.baseline and (lab.model, lab.pattern, lab.pruner, lab.allocation) not in has_baseline:
             variant = tuple((k, v) for k, v in lab.variant if not acts_after_prune(k))
             key = (
                 lab.pattern,
                 lab.pruner,
                 False,
-                pruner_names.get(lab.pruner, lab.pruner),
+                base_name(lab),
                 variant,
             )
             members.setdefault(key, []).append((job, lab, True))

@@ -1,4 +1,5 @@
 import logging
+import math
 
 import pytest
 import torch
@@ -41,6 +42,21 @@ def test_hessian_stats():
         stats.add_batch(x)
     flat = X.reshape(-1, X.shape[-1])
     torch.testing.assert_close(stats.H, 2 * flat.t() @ flat / X.shape[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_stats_one_sequence_per_call_is_the_references_running_mean_bit_for_bit():
+    """SparseGPT's add_batch (IST-DASLab/sparsegpt): rescale, then H += inp @ inp^T with inp (in, tokens); the
+    fused addmm_ rounds differently at 512 tokens, and SparseGPT's masks amplify such differences."""
+    _, X = _data(inp=96, tokens=512, seqs=6)
+    ref = torch.zeros(96, 96)
+    for seen, x in enumerate(X):  # the reference's loop, written out
+        ref *= seen / (seen + 1)
+        inp = math.sqrt(2 / (seen + 1)) * x.t().float()  # (in, tokens)
+        ref += inp.matmul(inp.t())
+    stats = HessianStats(96)
+    for x in X.split(1):
+        stats.add_batch(x)
+    assert torch.equal(stats.H, ref)
 
 
 def test_wanda_hand_computation_4x8():

@@ -36,6 +36,11 @@ PRUNERS = {
     "pruner_zero": "sds_exp.pruners.pruner_zero.PrunerZero",
     "dsnot": "sds_exp.pruners.dsnot.DSnoT",
 }
+ALLOCATIONS = {
+    "uniform": "sds_exp.allocation.uniform.Uniform",
+    "owl": "sds_exp.allocation.owl.OWL",
+    "file": "sds_exp.allocation.file.FileAllocation",
+}
 BASE_CHOICES = {
     "model": "opt125m",
     "data": "c4",
@@ -81,6 +86,7 @@ def resolved_config(s: dict) -> dict:
         "pruner": {"_target_": PRUNERS[s["pruner"]]}
         if s["pruner"] != "dsnot"
         else {"_target_": PRUNERS["dsnot"], "base": {"_target_": PRUNERS["wanda"]}},
+        "allocation": {"_target_": ALLOCATIONS[s.get("allocation", "uniform")]},
         "regularizer": {} if s["regularizer"] == "none" else {"l1": {"lam": s.get("regularizer.l1.lam", 0.1)}},
         "sds": {
             "redense": s["sds"] != "prune_only",
@@ -95,7 +101,7 @@ def write_job(job: Path, num: int | None, overrides: list[str], result) -> None:
     """One job dir: .hydra/ always, metrics.json + resolved_config.yaml unless "nometrics"."""
     s = job_settings(overrides)
     (job / ".hydra").mkdir(parents=True)
-    choices = {k: s[k] for k in BASE_CHOICES}
+    choices = {k: s[k] for k in BASE_CHOICES} | ({"allocation": s["allocation"]} if "allocation" in s else {})
     mode = "RUN" if num is None else "MULTIRUN"
     OmegaConf.save(
         OmegaConf.create(
@@ -519,6 +525,27 @@ def test_rows_of_the_field_pruners_are_named_as_papers_name_them(tmp_path):
     md = to_markdown(build_table(collect_jobs(tmp_path / "runs"), []))
     for name in ("ADMM", "RIA", "Pruner-Zero", "DSnoT(Wanda)"):
         assert f"| 2:4 | {name} | 50.00 |" in md and f"| 2:4 | SDS-{name} | 40.00 |" in md, md
+
+
+def test_rows_of_a_layerwise_allocation_are_named_with_it(tmp_path):
+    """OWL jobs are their own rows ("OWL-Wanda", "SDS-OWL-Wanda"), never averaged with uniform ones."""
+    ppl = {"uniform": (60.0, 45.0), "owl": (50.0, 35.0)}
+    for alloc, (pruned, final) in ppl.items():
+        for sds, stages in (("prune_only", ["dense", "prune"]), ("default", ["dense", "prune", "adjust"])):
+            write_job(
+                tmp_path / "runs" / f"{alloc}_{sds}",
+                None,
+                [f"allocation={alloc}", f"sds={sds}", "sparsity=0.7"],
+                stage_metrics(stages, {"dense": 20.0, "prune": pruned, "adjust": final}),
+            )
+    md = to_markdown(build_table(collect_jobs(tmp_path / "runs"), []))
+    for row in (
+        "| 70% | Wanda | 60.00 |",
+        "| 70% | SDS-Wanda | 45.00 |",
+        "| 70% | OWL-Wanda | 50.00 |",
+        "| 70% | SDS-OWL-Wanda | 35.00 |",
+    ):
+        assert row in md, md
 
 
 def test_evaluation_only_overrides_do_not_split_rows(tmp_path):
