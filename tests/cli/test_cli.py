@@ -311,3 +311,21 @@ def test_script_help(cmd):
     proc = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "key=value" in proc.stdout and "--model" in proc.stdout
+
+
+@pytest.mark.integration
+def test_multirun_with_the_default_sweep_dir(tmp_path, data_dir):
+    """``-m`` as the README writes it, no ``hydra.sweep.dir``: Hydra's sweeper resolves the sweep dir before
+    HydraConfig is set, so an ``${hydra:...}`` there fails every sweep; the jobs land under the cwd."""
+    env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"}
+    env.update(TQDM_DISABLE="1", SDS_DATA_DIR=str(data_dir))
+    cmd = [sys.executable, "-m", "sds_exp", "-m", *SMOKE, "sds=prune_only", "sparsity=0.5,0.75"]
+    proc = subprocess.run(
+        cmd + [f"paths.cache_dir={tmp_path}/cache"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    for num, sparsity in enumerate((0.5, 0.75)):
+        state = json.loads((sweep / str(num) / "metrics.json").read_text())
+        assert state["status"] == "completed"
+        assert state["metrics"]["final/sparsity/mask"] == pytest.approx(sparsity, abs=0.01)
