@@ -54,10 +54,19 @@ def _as_3d(inp: Tensor) -> Tensor:
     return inp if inp.dim() == 3 else inp.reshape(1, -1, inp.shape[-1])
 
 
+def _sequences(inp: Tensor):
+    """Each sequence of ``inp`` as the references' hooks see it: fp32, (in_features, tokens), a transposed view."""
+    for seq in _as_3d(inp):
+        yield seq.float().t()
+
+
 class RowNormStats:
     """Wanda's ``scaler_row``: running mean over sequences of ||X_j||^2 (sum over tokens), fp32.
 
-    Matches ``WrappedGPT.add_batch`` in locuslab/wanda ``lib/layerwrapper.py``.
+    Matches ``WrappedGPT.add_batch`` in locuslab/wanda ``lib/layerwrapper.py`` bit for bit: its hook sees one
+    sequence per call and adds ``torch.norm(inp, dim=1) ** 2 / nsamples`` with ``inp`` (in, tokens), so a batch
+    is taken one sequence at a time in that form (a fused ``x.pow(2).sum`` rounds differently, and RIA's and
+    Wanda's 2:4 masks amplify the last bit).
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
@@ -65,12 +74,10 @@ class RowNormStats:
         self.nsamples = 0
 
     def add_batch(self, inp: Tensor) -> None:
-        inp = _as_3d(inp)
-        batch = inp.shape[0]
-        x = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
-        self.scaler_row *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        self.scaler_row += x.pow(2).sum(0) / self.nsamples
+        for seq in _sequences(inp):
+            self.scaler_row *= self.nsamples / (self.nsamples + 1)
+            self.nsamples += 1
+            self.scaler_row += torch.norm(seq, p=2, dim=1) ** 2 / self.nsamples
 
 
 class HessianStats:
@@ -84,14 +91,13 @@ class HessianStats:
         self.nsamples = 0
 
     def add_batch(self, inp: Tensor) -> None:
-        inp = _as_3d(inp)
-        batch = inp.shape[0]
-        self.H *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        x = math.sqrt(2 / self.nsamples) * inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
-        # The product rounded, then added, as the reference does: a fused addmm_ rounds differently (~1e-7), and
-        # SparseGPT's masks amplify that; with calib_batch_size=1 this H is the reference's bit for bit.
-        self.H += x.t() @ x
+        for seq in _sequences(inp):  # one sequence per step, as the reference's hook: its H bit for bit
+            self.H *= self.nsamples / (self.nsamples + 1)
+            self.nsamples += 1
+            x = math.sqrt(2 / self.nsamples) * seq  # (in, tokens)
+            # The product rounded, then added, as the reference does: a fused addmm_ rounds differently (~1e-7)
+            # and SparseGPT's masks amplify that.
+            self.H += x.matmul(x.t())
 
 
 class InputMomentStats:
@@ -100,7 +106,8 @@ class InputMomentStats:
 
     Matches ``WrappedGPT.add_batch`` in zyxxmu/DSnoT ``lib/layerwrapper.py`` (4c029df), whose hook sees one
     sequence per call: ``var`` is the mean of within-sequence variances (``unbiased=False``), not the pooled
-    variance over all tokens. A batch of several sequences gives the same numbers as one call per sequence.
+    variance over all tokens. A batch is taken one sequence at a time in the reference's form and order, so the
+    numbers are the reference's bit for bit whatever the calibration batch size.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
@@ -111,15 +118,18 @@ class InputMomentStats:
         self.ntokens = 0
 
     def add_batch(self, inp: Tensor) -> None:
-        x = _as_3d(inp).float()  # (batch, tokens, in)
-        batch, tokens = x.shape[0], x.shape[1]
-        seq_var = x.var(dim=1, unbiased=False)  # (batch, in): each sequence's own variance over its tokens
-        self.var = (self.var * self.ntokens + seq_var.sum(0) * tokens) / (self.ntokens + batch * tokens)
-        self.ntokens += batch * tokens
-        scale = self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        self.scaler_row = self.scaler_row * scale + x.pow(2).sum((0, 1)) / self.nsamples
-        self.sum_metric_row = self.sum_metric_row * scale + x.sum((0, 1)) / self.nsamples
+        for seq in _sequences(inp):  # (in, tokens), the reference's formulas in its order
+            tokens = seq.shape[1]
+            seq_var = torch.var(seq, dim=1, unbiased=False)
+            self.var = (
+                seq_var if self.ntokens == 0 else (self.var * self.ntokens + seq_var * tokens) / (self.ntokens + tokens)
+            )
+            self.ntokens += tokens
+            self.scaler_row *= self.nsamples / (self.nsamples + 1)
+            self.sum_metric_row *= self.nsamples / (self.nsamples + 1)
+            self.nsamples += 1
+            self.scaler_row += torch.norm(seq, p=2, dim=1) ** 2 / self.nsamples
+            self.sum_metric_row += torch.sum(seq, dim=1) / self.nsamples
 
 
 class CombinedStats:

@@ -53,10 +53,26 @@ def test_hessian_stats_one_sequence_per_call_is_the_references_running_mean_bit_
         ref *= seen / (seen + 1)
         inp = math.sqrt(2 / (seen + 1)) * x.t().float()  # (in, tokens)
         ref += inp.matmul(inp.t())
-    stats = HessianStats(96)
-    for x in X.split(1):
-        stats.add_batch(x)
-    assert torch.equal(stats.H, ref)
+    for calls in (X.split(1), X.split(4)):  # any calibration batch size: one sequence per step inside
+        stats = HessianStats(96)
+        for x in calls:
+            stats.add_batch(x)
+        assert torch.equal(stats.H, ref)
+
+
+def test_row_norm_stats_is_the_references_running_mean_bit_for_bit_at_any_batch_size():
+    """Wanda's add_batch (locuslab/wanda lib/layerwrapper.py): rescale, then += torch.norm(inp, dim=1)**2 / n with
+    inp (in, tokens); x.pow(2).sum(0) rounds differently, and RIA's and Wanda's masks see the last bit."""
+    _, X = _data(inp=96, tokens=512, seqs=6)
+    ref = torch.zeros(96)
+    for seen, x in enumerate(X):  # the reference's loop, written out
+        ref *= seen / (seen + 1)
+        ref += torch.norm(x.t().float(), p=2, dim=1) ** 2 / (seen + 1)
+    for calls in (X.split(1), X.split(4), [X]):
+        stats = RowNormStats(96)
+        for x in calls:
+            stats.add_batch(x)
+        assert torch.equal(stats.scaler_row, ref) and stats.nsamples == 6
 
 
 def test_wanda_hand_computation_4x8():

@@ -225,8 +225,29 @@ def test_input_moment_stats_by_hand():
     batched.add_batch(X[:3])
     batched.add_batch(X[3:])
     for key in ("sum_metric_row", "scaler_row", "var"):
-        torch.testing.assert_close(getattr(batched, key), getattr(one, key))
+        assert torch.equal(getattr(batched, key), getattr(one, key)), key  # one sequence per step inside
     assert (batched.nsamples, batched.ntokens) == (5, 80)
+
+
+def test_input_moment_stats_are_the_references_bit_for_bit():
+    """DSnoT's add_batch (zyxxmu/DSnoT 4c029df lib/layerwrapper.py), one sequence per call, written out."""
+    _, X = _mean_dominated(seqs=5, tokens=64, inp=32)
+    var = scaler = metric = None
+    ntokens = 0
+    for seen, x in enumerate(X):
+        inp = x.t().float()  # (in, tokens)
+        v = torch.var(inp, dim=1, unbiased=False)
+        var = v if ntokens == 0 else (var * ntokens + v * inp.shape[1]) / (ntokens + inp.shape[1])
+        ntokens += inp.shape[1]
+        scaler = torch.zeros(32) if scaler is None else scaler * (seen / (seen + 1))
+        metric = torch.zeros(32) if metric is None else metric * (seen / (seen + 1))
+        scaler = scaler + torch.norm(inp, p=2, dim=1) ** 2 / (seen + 1)
+        metric = metric + torch.sum(inp, dim=1) / (seen + 1)
+    stats = InputMomentStats(32)
+    stats.add_batch(X[:2])
+    stats.add_batch(X[2:])
+    assert torch.equal(stats.var, var) and torch.equal(stats.scaler_row, scaler)
+    assert torch.equal(stats.sum_metric_row, metric)
 
 
 def _dsnot_by_hand(W, kept, own, spec, cycles=50, threshold=0.1, same_sign=False):
