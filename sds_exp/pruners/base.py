@@ -75,9 +75,13 @@ class RowNormStats:
 
     def add_batch(self, inp: Tensor) -> None:
         for seq in _sequences(inp):
-            self.scaler_row *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
-            self.scaler_row += torch.norm(seq, p=2, dim=1) ** 2 / self.nsamples
+            self._add_sequence(seq)
+
+    def _add_sequence(self, seq: Tensor) -> None:
+        """One sequence, (in, tokens) fp32; the running count is advanced here."""
+        self.scaler_row *= self.nsamples / (self.nsamples + 1)
+        self.nsamples += 1
+        self.scaler_row += torch.norm(seq, p=2, dim=1) ** 2 / self.nsamples
 
 
 class HessianStats:
@@ -100,7 +104,7 @@ class HessianStats:
             self.H += x.matmul(x.t())
 
 
-class InputMomentStats:
+class InputMomentStats(RowNormStats):
     """DSnoT's per-channel input statistics, fp32: Wanda's ``scaler_row``, the running mean over sequences of
     sum_tokens x_j (``sum_metric_row``) and the token-weighted mean of each sequence's variance (``var``).
 
@@ -111,25 +115,21 @@ class InputMomentStats:
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.scaler_row = torch.zeros(in_features, dtype=torch.float32, device=device)
+        super().__init__(in_features, device)  # scaler_row, nsamples (sequences)
         self.sum_metric_row = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.var = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.nsamples = 0  # sequences
         self.ntokens = 0
 
-    def add_batch(self, inp: Tensor) -> None:
-        for seq in _sequences(inp):  # (in, tokens), the reference's formulas in its order
-            tokens = seq.shape[1]
-            seq_var = torch.var(seq, dim=1, unbiased=False)
-            self.var = (
-                seq_var if self.ntokens == 0 else (self.var * self.ntokens + seq_var * tokens) / (self.ntokens + tokens)
-            )
-            self.ntokens += tokens
-            self.scaler_row *= self.nsamples / (self.nsamples + 1)
-            self.sum_metric_row *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
-            self.scaler_row += torch.norm(seq, p=2, dim=1) ** 2 / self.nsamples
-            self.sum_metric_row += torch.sum(seq, dim=1) / self.nsamples
+    def _add_sequence(self, seq: Tensor) -> None:  # the reference's formulas in its order
+        tokens = seq.shape[1]
+        seq_var = torch.var(seq, dim=1, unbiased=False)
+        self.var = (
+            seq_var if self.ntokens == 0 else (self.var * self.ntokens + seq_var * tokens) / (self.ntokens + tokens)
+        )
+        self.ntokens += tokens
+        self.sum_metric_row *= self.nsamples / (self.nsamples + 1)
+        self.sum_metric_row += torch.sum(seq, dim=1) / (self.nsamples + 1)
+        super()._add_sequence(seq)
 
 
 class CombinedStats:
