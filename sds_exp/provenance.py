@@ -77,6 +77,7 @@ BOOKKEEPING_KEYS = (
     "experiment",
     "debug",
     "local",
+    "allocation.cache_dir",  # OWL's outlier ratios cached: the same numbers, keyed by the model's tensors
     "sds.cache_teacher",  # memory for speed: the same numbers with and without (test_cached_teacher_alone_is_exact)
 )
 

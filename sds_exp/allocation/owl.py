@@ -15,13 +15,20 @@ prunable parameter count (the same as the reference's plain mean when the blocks
 decoder); a block pushed outside [0, 1) raises instead of being clamped to 0.01; equal outlier ratios give
 the uniform allocation instead of a division by zero; ``rounding="target"`` rounds to whole weights per row
 (:func:`sds_exp.allocation.base.snap_to_rows`).
+
+The outlier ratios do not depend on the target sparsity, so a sweep over sparsity (or pruners) repeats the same
+dense pass: with ``cache_dir`` they are kept in ``<cache_dir>/owl_outliers.json``, keyed by a hash of every
+model tensor, the calibration ids and the settings that can change a rounding (:func:`outlier_cache_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -33,8 +40,10 @@ from sds_exp.pruners.base import RowNormStats
 from sds_exp.pruners.wanda import wanda_scores
 from sds_exp.sds.sequential import collect_stats, walk_blocks
 from sds_exp.spec import SparsitySpec
+from sds_exp.tracking.results import read_json, write_json
 
-__all__ = ["OWL", "outlier_ratio", "owl_block_ratios", "block_outlier_ratios"]
+__all__ = ["OWL", "outlier_ratio", "owl_block_ratios", "block_outlier_ratios", "outlier_cache_key"]
+CACHE_FILE = "owl_outliers.json"
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +111,23 @@ def block_outlier_ratios(
     return found
 
 
+def outlier_cache_key(model: nn.Module, calib: Tensor, **settings: Any) -> str:
+    """sha256 of every tensor of ``model`` (weights and buffers, by name), the calibration ids and ``settings``.
+
+    The weights, not the model's name: the re-prune's ``reprune: recompute`` sees re-activated weights, and an
+    edited checkpoint under the same path is a different model. The torch version and thread count go in with
+    the settings because they can change a matmul's rounding.
+    """
+    h = hashlib.sha256()
+    meta = {**settings, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, t in [("calib", calib), *sorted(model.state_dict().items())]:
+        t = t.detach().reshape(-1).contiguous()
+        h.update(f"{name}:{t.dtype}:{t.numel()}".encode())
+        h.update(t.cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class OWL:
     """OWL's per-block sparsity from the dense model's Wanda-score outliers.
@@ -115,12 +141,15 @@ class OWL:
             re-activated model).
         rounding: "target" (whole weights per row, summing to the target) or "floor" (the reference's
             ``int(in_features * ratio)`` per row: the model ends slightly below the target).
+        cache_dir: where the dense pass's outlier ratios are kept for the next job with the same model,
+            calibration and M (``None``: no cache; the job's config sets ``${paths.cache_dir}``).
     """
 
     hyper_m: float = 5.0
     lamda: float = 0.08
     reprune: str = "reuse"
     rounding: str = "target"
+    cache_dir: str | None = None
     needs_calibration: ClassVar[bool] = True
     display_name: ClassVar[str] = "OWL"  # tables: "OWL-Wanda", "SDS-OWL-Wanda"
 
@@ -176,7 +205,7 @@ class OWL:
         batch_size: int = 8,
     ) -> dict[str, float]:
         self.check_spec(spec)
-        blocks = block_outlier_ratios(model, calib, layers, self.hyper_m, device=device, batch_size=batch_size)
+        blocks = self._outliers(model, calib, layers, device=device, batch_size=batch_size)
         sizes = [sum(layers[n].weight.numel() for n in names) for _, names, _ in blocks]
         per_block = owl_block_ratios([d for *_, d in blocks], spec.ratio, self.lamda, weights=sizes)
         for (prefix, _, d), r in zip(blocks, per_block, strict=True):
@@ -195,3 +224,36 @@ class OWL:
         )
         ratios = {n: r for (_, names, _), r in zip(blocks, per_block, strict=True) for n in names}
         return snap_to_rows(ratios, layers) if self.rounding == "target" else ratios
+
+    def _outliers(self, model, calib, layers, *, device, batch_size) -> list[tuple[str, list[str], float]]:
+        """:func:`block_outlier_ratios`, through ``cache_dir`` when it is set."""
+        if self.cache_dir is None:
+            return block_outlier_ratios(model, calib, layers, self.hyper_m, device=device, batch_size=batch_size)
+        path = Path(self.cache_dir) / CACHE_FILE
+        key = outlier_cache_key(
+            model, calib, hyper_m=float(self.hyper_m), layers=sorted(layers), device=str(device), batch_size=batch_size
+        )
+        cache = _read_cache(path)
+        if key in cache:
+            log.info("OWL outlier ratios from cache %s (key %s...)", path, key[:12])
+            return [(prefix, list(names), float(d)) for prefix, names, d in cache[key]]
+        blocks = block_outlier_ratios(model, calib, layers, self.hyper_m, device=device, batch_size=batch_size)
+        try:
+            cache = _read_cache(path)  # another job may have written meanwhile
+            cache[key] = [[prefix, names, d] for prefix, names, d in blocks]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, cache)
+        except OSError as exc:  # a cache that cannot be written costs time, not results
+            log.warning("OWL outlier cache %s not written (%s)", path, exc)
+        return blocks
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        cache = read_json(path)
+    except (OSError, ValueError) as exc:
+        log.warning("OWL outlier cache %s unreadable (%s): ignored", path, exc)
+        return {}
+    return cache if isinstance(cache, dict) else {}

@@ -118,6 +118,31 @@ def test_owl_leaves_the_model_as_it_found_it(llama4):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_owl_outlier_cache_reuses_the_dense_pass_for_the_same_model_only(llama4, tmp_path, monkeypatch):
+    import sds_exp.allocation.owl as owl_mod
+
+    model, calib = llama4.model, _calib(llama4.tokenizer)
+    layers = prunable_layers(model)
+    fresh = OWL(hyper_m=3).ratios(model, calib, layers, SparsitySpec(0.6), batch_size=4)
+    cached = OWL(hyper_m=3, cache_dir=str(tmp_path))
+    assert cached.ratios(model, calib, layers, SparsitySpec(0.6), batch_size=4) == fresh  # miss: computed, stored
+    passes = []
+    real = owl_mod.block_outlier_ratios
+    monkeypatch.setattr(owl_mod, "block_outlier_ratios", lambda *a, **k: passes.append(1) or real(*a, **k))
+    # another target reuses the dense pass: the outlier ratios do not depend on it
+    other = cached.ratios(model, calib, layers, SparsitySpec(0.7), batch_size=4)
+    assert other == OWL(hyper_m=3).ratios(model, calib, layers, SparsitySpec(0.7), batch_size=4)
+    assert len(passes) == 1  # only the uncached OWL ran the pass
+    # a different M, other calibration ids, or one changed weight: a new pass, not the stored ratios
+    OWL(hyper_m=4, cache_dir=str(tmp_path)).ratios(model, calib, layers, HALF, batch_size=4)
+    cached.ratios(model, _calib(llama4.tokenizer, seed=2), layers, HALF, batch_size=4)
+    with torch.no_grad():
+        layers["model.layers.1.mlp.up_proj"].weight[0, 0] += 1e-3
+    cached.ratios(model, calib, layers, HALF, batch_size=4)
+    assert len(passes) == 4
+    assert len(json.loads((tmp_path / owl_mod.CACHE_FILE).read_text())) == 4
+
+
 def test_owl_block_ratios_and_outlier_ratio_by_hand():
     # outliers 1,2,3,5 -> min-max scaled into [0, 2*0.1]: 0, .05, .1, .2; mean .0875; sparsity = .5 - (s - mean)
     assert owl_block_ratios([1, 2, 3, 5], 0.5, 0.1) == pytest.approx([0.5875, 0.5375, 0.4875, 0.3875])
@@ -292,6 +317,7 @@ def test_configs_compose_and_build(compose, tmp_path):
     assert isinstance(Recipe.from_config(cfg).allocation, Uniform)
     owl = Recipe.from_config(compose(["allocation=owl"])).allocation
     assert isinstance(owl, OWL) and (owl.hyper_m, owl.lamda, owl.reprune) == (5, 0.08, "reuse")
+    assert owl.cache_dir == compose([]).paths.cache_dir  # jobs share the dense pass's outlier ratios
     path = _write(tmp_path, {"model.layers.0": 0.5})
     alloc = instantiate(compose(["allocation=file", f"allocation.path={path}"]).allocation)
     assert isinstance(alloc, FileAllocation) and alloc.entries == {"model.layers.0": 0.5}
