@@ -40,7 +40,7 @@ from sds_exp.pruners.base import RowNormStats
 from sds_exp.pruners.wanda import wanda_scores
 from sds_exp.sds.sequential import collect_stats, walk_blocks
 from sds_exp.spec import SparsitySpec
-from sds_exp.tracking.results import read_json, write_json
+from sds_exp.tracking.results import read_cache, write_json
 
 __all__ = ["OWL", "outlier_ratio", "owl_block_ratios", "block_outlier_ratios", "outlier_cache_key"]
 CACHE_FILE = "owl_outliers.json"
@@ -124,7 +124,7 @@ def outlier_cache_key(model: nn.Module, calib: Tensor, **settings: Any) -> str:
     for name, t in [("calib", calib), *sorted(model.state_dict().items())]:
         t = t.detach().reshape(-1).contiguous()
         h.update(f"{name}:{t.dtype}:{t.numel()}".encode())
-        h.update(t.cpu().view(torch.uint8).numpy().tobytes())
+        h.update(t.cpu().view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -233,27 +233,16 @@ class OWL:
         key = outlier_cache_key(
             model, calib, hyper_m=float(self.hyper_m), layers=sorted(layers), device=str(device), batch_size=batch_size
         )
-        cache = _read_cache(path)
+        cache = read_cache(path, "OWL outlier cache")
         if key in cache:
             log.info("OWL outlier ratios from cache %s (key %s...)", path, key[:12])
             return [(prefix, list(names), float(d)) for prefix, names, d in cache[key]]
         blocks = block_outlier_ratios(model, calib, layers, self.hyper_m, device=device, batch_size=batch_size)
         try:
-            cache = _read_cache(path)  # another job may have written meanwhile
+            cache = read_cache(path, "OWL outlier cache")  # another job may have written meanwhile
             cache[key] = [[prefix, names, d] for prefix, names, d in blocks]
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, cache)
         except OSError as exc:  # a cache that cannot be written costs time, not results
             log.warning("OWL outlier cache %s not written (%s)", path, exc)
         return blocks
-
-
-def _read_cache(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        cache = read_json(path)
-    except (OSError, ValueError) as exc:
-        log.warning("OWL outlier cache %s unreadable (%s): ignored", path, exc)
-        return {}
-    return cache if isinstance(cache, dict) else {}

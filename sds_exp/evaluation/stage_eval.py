@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sds_exp.evaluation.perplexity import eval_token_ids, perplexity
 from sds_exp.evaluation.sparsity import sparsity_report
-from sds_exp.tracking.results import read_json, write_json
+from sds_exp.tracking.results import read_cache, write_json
 
 __all__ = [
     "PplSettings",
@@ -248,14 +248,7 @@ class StageEvaluator:
         return metrics
 
     def _read_cache(self) -> dict:
-        if self.cache_file is None or not self.cache_file.is_file():
-            return {}
-        try:
-            cache = read_json(self.cache_file)
-            return cache if isinstance(cache, dict) else {}
-        except (OSError, ValueError) as exc:
-            log.warning("dense perplexity cache %s unreadable (%s): ignored", self.cache_file, exc)
-            return {}
+        return read_cache(self.cache_file, "dense perplexity cache")
 
 
 def zero_share(w: Tensor) -> float:

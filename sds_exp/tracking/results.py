@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "write_json", "read_json", "environment", "fsync_dir", "sha256_file"]
+__all__ = ["atomic_write_text", "write_json", "read_json", "read_cache", "environment", "fsync_dir", "sha256_file"]
 
 PACKAGES = (
     "torch",
@@ -88,6 +89,18 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_cache(path: str | Path | None, what: str) -> dict:
+    """A JSON cache as a dict: ``{}`` when absent, or unreadable (logged: a cache costs time, never results)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        cache = read_json(path)
+    except (OSError, ValueError) as exc:
+        logging.getLogger(__name__).warning("%s %s unreadable (%s): ignored", what, path, exc)
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def _git(root: Path, *args: str) -> str | None:
