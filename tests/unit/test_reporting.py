@@ -734,3 +734,38 @@ def test_optuna_sweep_lists_its_trials_with_readable_labels(tmp_path, caplog):
         "Protocol: perplexity on WikiText2 validation (`wikitext2_val`), 12 non-overlapping windows of 2048 tokens"
     )
     assert "Optuna best of optuna: 40 at regularizer.l1.lam=0.0012345678901234567." in table.notes
+
+
+# ---- the archive: records that outlive outputs/ ---------------------------------------------
+
+
+def test_archive_keeps_the_records_and_the_table_but_no_weights(opt_sweep, tmp_path):
+    from sds_exp.reporting.archive import archive_runs, main
+
+    job = next(p for p in sorted(opt_sweep.iterdir()) if (p / "metrics.json").is_file())
+    (job / "checkpoint" / "prune").mkdir(parents=True)
+    (job / "checkpoint" / "prune" / "state.json").write_text("{}")  # inside checkpoint/: stays behind
+    (job / "weights.safetensors").write_bytes(b"\0" * 16)
+    (job / "big.json").write_text("[" + "0," * 3000 + "0]")
+
+    report = archive_runs([opt_sweep], tmp_path / "archive", max_bytes=5000)
+    root = tmp_path / "archive" / opt_sweep.name
+    assert (root / "multirun.yaml").is_file()
+    assert not (root / job.name / "checkpoint").exists()
+    skipped = {str(p): why for p, why in report.skipped}
+    assert skipped[f"{opt_sweep.name}/{job.name}/weights.safetensors"].startswith("not a record file")
+    assert skipped[f"{opt_sweep.name}/{job.name}/big.json"] == "6003 bytes > 5000"
+    original = to_markdown(build_table(collect_jobs(opt_sweep), load_paper_numbers()))
+    archived = to_markdown(build_table(collect_jobs(root), load_paper_numbers()))
+    assert archived.replace(str(root), str(opt_sweep)) == original  # the same table; job paths point into it
+
+    # refused: a directory without records, a missing one, two sources of one name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no metrics.json"):
+        archive_runs([tmp_path / "empty"], tmp_path / "a2")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        archive_runs([tmp_path / "nowhere"], tmp_path / "a2")
+    with pytest.raises(ValueError, match="share a directory name"):
+        archive_runs([opt_sweep, opt_sweep], tmp_path / "a2")
+    assert main([str(tmp_path / "empty"), "--to", str(tmp_path / "a3")]) == 2
+    assert not (tmp_path / "a3").exists()
