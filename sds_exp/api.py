@@ -100,7 +100,7 @@ class Recipe:
 
         return cls(
             pruner=instantiate(cfg.pruner),
-            spec=SparsitySpec.parse(cfg.sparsity, cfg.pattern),
+            spec=SparsitySpec.from_config(cfg),
             sds=instantiate(cfg.sds),
             regularizer=RegularizerSum({k: instantiate(v) for k, v in (cfg.regularizer or {}).items()}),
             ignore=normalize_ignore(cfg.get("ignore")),

@@ -254,7 +254,7 @@ def run(args, cfg: DictConfig | None = None, overrides: list[str] | None = None)
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
     }
-    spec = SparsitySpec.parse(cfg.sparsity, cfg.pattern)
+    spec = SparsitySpec.from_config(cfg)
     pruner_nodes = {
         name: pruner_config(cfg, overrides, name, sds_pruner) for name in pruners
     }  # unknown options fail here, early

@@ -41,6 +41,7 @@ STAGE_KEYS: dict[str, str] = {
     "seed": "prune",
     "sparsity": "prune",
     "pattern": "prune",
+    "nm_ties": "prune",
     "dtype": "prune",
     "allow_tf32": "prune",
     "pruner": "prune",

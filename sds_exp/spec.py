@@ -8,6 +8,7 @@ from dataclasses import dataclass
 __all__ = ["SparsitySpec"]
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+TIES = ("stable", "topk")
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,16 @@ class SparsitySpec:
         n: weights KEPT per group of ``m`` consecutive inputs ("2:4" keeps 2 of 4, the hardware
             convention); 0 for unstructured sparsity.
         m: group size; 0 for unstructured sparsity.
+        ties: how N:M breaks exact ties of scores within a group: "stable" (the lower column index is pruned
+            first: deterministic on every device) or "topk" (``torch.topk(largest=False)`` as the Wanda,
+            SparseGPT, RIA and Pruner-Zero reference code calls it: their masks exactly, on the same device;
+            its tie order is unspecified and differs between CPU and CUDA). Unstructured selection is stable.
     """
 
     ratio: float
     n: int = 0
     m: int = 0
+    ties: str = "stable"
 
     @property
     def structured(self) -> bool:
@@ -38,16 +44,27 @@ class SparsitySpec:
         return f"{self.n}:{self.m}" if self.structured else f"{self.ratio:g} unstructured"
 
     @classmethod
-    def parse(cls, ratio: float, pattern: object) -> SparsitySpec:
-        """Validate ``sparsity`` and ``pattern`` from the config.
+    def from_config(cls, cfg) -> SparsitySpec:
+        """From a job config's ``sparsity``, ``pattern`` and ``nm_ties`` (``stable`` where absent)."""
+        return cls.parse(cfg.sparsity, cfg.pattern, cfg.get("nm_ties", "stable"))
+
+    @classmethod
+    def parse(cls, ratio: float, pattern: object, ties: object = "stable") -> SparsitySpec:
+        """Validate ``sparsity``, ``pattern`` and ``nm_ties`` from the config.
 
         Args:
             ratio: the ``sparsity`` key.
             pattern: ``"unstructured"`` or ``"N:M"``.
+            ties: the ``nm_ties`` key, one of :data:`TIES`.
 
         Raises:
             ValueError: naming the bad value and what is allowed.
         """
+        if ties not in TIES:
+            raise ValueError(
+                f"nm_ties={ties!r}; allowed: 'stable' (lower index pruned first on ties) or 'topk' "
+                "(torch.topk's order, as the reference code: its masks exactly on the same device)"
+            )
         if isinstance(pattern, int) and not isinstance(pattern, bool):
             # YAML 1.1 reads an unquoted 2:4 as the sexagesimal integer 2*60+4 = 124.
             hint = f"{pattern // 60}:{pattern % 60}" if pattern >= 60 else "N:M"
@@ -64,7 +81,7 @@ class SparsitySpec:
         if not isinstance(pattern, str):
             raise ValueError(f"pattern={pattern!r} is not a string; allowed: 'unstructured' or 'N:M'")
         if pattern.strip().lower() == "unstructured":
-            return cls(ratio=ratio)
+            return cls(ratio=ratio, ties=ties)
         match = _NM.match(pattern)
         if match is None:
             raise ValueError(f"pattern={pattern!r} is not understood; allowed: 'unstructured' or 'N:M' (e.g. '2:4')")
@@ -77,4 +94,4 @@ class SparsitySpec:
                 f"pattern={pattern!r} keeps {n} of {m} weights, i.e. sparsity {implied:g}, but sparsity={ratio:g}; "
                 f"set sparsity={implied:g} or pattern=unstructured"
             )
-        return cls(ratio=implied, n=n, m=m)
+        return cls(ratio=implied, n=n, m=m, ties=ties)

@@ -264,7 +264,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     try:
         if "sparsity" in cfg and "pattern" in cfg:
-            SparsitySpec.parse(cfg.sparsity, cfg.pattern)
+            SparsitySpec.from_config(cfg)
         if "dtype" in cfg:
             resolve_dtype(cfg.dtype)
     except ValueError as exc:

@@ -144,7 +144,7 @@ def job_spec(cfg) -> SparsitySpec | None:
     """The job's sparsity target from a composed config (None when it has no ``sparsity``/``pattern``)."""
     if cfg is None or "sparsity" not in cfg or "pattern" not in cfg:
         return None
-    return SparsitySpec.parse(cfg.sparsity, cfg.pattern)
+    return SparsitySpec.from_config(cfg)
 
 
 def build_from_node(cls: type, node: Mapping[str, Any], key: str):

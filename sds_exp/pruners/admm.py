@@ -42,7 +42,7 @@ def admm_mask(score: Tensor, spec: SparsitySpec, sparsity: float, group: str) ->
     over the whole matrix are pruned, so ``sparsity = spec.ratio`` gives exactly the N:M mask.
     """
     if spec.structured:
-        keep = nm_mask(score, spec.n, spec.m)
+        keep = nm_mask(score, spec.n, spec.m, spec.ties)
         if sparsity >= spec.ratio:
             return keep
         candidates = score.masked_fill(keep, float("inf"))

@@ -38,16 +38,24 @@ def prune_lowest(scores: Tensor, count: int, dim: int | None = None) -> Tensor:
     return keep.reshape(scores.shape) if dim is None else keep.movedim(-1, dim)
 
 
-def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+def nm_mask(scores: Tensor, n: int, m: int, ties: str = "stable") -> Tensor:
     """Keep the ``n`` highest scores in every group of ``m`` consecutive input columns of each row.
 
     Args:
         scores: (out_features, in_features); in_features must be divisible by ``m``.
+        ties: "stable" (equal scores: the lower column index is pruned first) or "topk" (the ``m - n``
+            entries ``torch.topk(largest=False)`` returns, as the reference code selects them; measured equal
+            to its per-group calls on the strided ``(rows, m)`` slices).
     """
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"in_features={cols} is not divisible by M={m}")
     groups = scores.reshape(rows, cols // m, m)
+    if ties == "topk":
+        idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
+        return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, idx, False).reshape(rows, cols)
+    if ties != "stable":
+        raise ValueError(f"ties={ties!r}; allowed: 'stable', 'topk'")
     if m <= 8:  # small groups: each entry's position in the stable ascending order by counting (~4x a sort)
         cols_ = groups.unbind(-1)
         pos = torch.zeros_like(groups, dtype=torch.int8)
@@ -65,7 +73,7 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
 def select_mask(scores: Tensor, spec: SparsitySpec, group: str) -> Tensor:
     """Keep-mask for ``spec`` with the comparison ``group`` ("row" or "matrix") for unstructured sparsity."""
     if spec.structured:
-        return nm_mask(scores, spec.n, spec.m)
+        return nm_mask(scores, spec.n, spec.m, spec.ties)
     if group == "row":
         return prune_lowest(scores, int(scores.shape[1] * spec.ratio), dim=-1)
     if group == "matrix":

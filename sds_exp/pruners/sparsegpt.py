@@ -82,7 +82,7 @@ def sparsegpt_prune(
         for i in range(i2 - i1):
             if spec.structured and i % spec.m == 0:
                 tmp = W1[:, i : i + spec.m].pow(2) / d[i : i + spec.m].pow(2).reshape(1, -1)
-                mask1[:, i : i + spec.m] = nm_mask(tmp, spec.n, spec.m)
+                mask1[:, i : i + spec.m] = nm_mask(tmp, spec.n, spec.m, spec.ties)
             w = W1[:, i]
             err = (w - w * mask1[:, i]) / d[i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)

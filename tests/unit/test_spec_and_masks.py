@@ -67,3 +67,24 @@ def test_select_mask_groups():
     assert (~select_mask(s, spec, "row")).sum(1).tolist() == [3] * 6
     assert int((~select_mask(s, spec, "matrix")).sum()) == 18
     assert sparsity_of(select_mask(torch.rand(6, 16), SparsitySpec.parse(0.5, "4:8"), "row")) == 0.5
+
+
+def test_nm_ties_topk_is_the_references_per_group_topk_and_stable_is_lower_index_first():
+    # tie-heavy scores (three levels), as 4-bit weights give: the two rules must differ somewhere
+    scores = torch.randint(0, 3, (96, 64), generator=torch.Generator().manual_seed(0)).float()
+    reference = torch.zeros_like(scores, dtype=torch.bool)  # pruned, as Wanda/SparseGPT/RIA select it
+    for ii in range(0, scores.shape[1], 4):
+        reference.scatter_(1, ii + torch.topk(scores[:, ii : ii + 4], 2, dim=1, largest=False)[1], True)
+    topk = nm_mask(scores, 2, 4, ties="topk")
+    assert torch.equal(topk, ~reference) and check_nm(topk, 2, 4)
+    stable = nm_mask(scores, 2, 4)
+    assert check_nm(stable, 2, 4) and not torch.equal(stable, topk)
+    # stable: in a group of equal scores the first two columns are pruned
+    assert nm_mask(torch.ones(1, 4), 2, 4).tolist() == [[False, False, True, True]]
+    spec = SparsitySpec.parse(0.5, "2:4", "topk")
+    assert torch.equal(select_mask(scores, spec, "row"), topk)
+    assert SparsitySpec.from_config(OmegaConf.create({"sparsity": 0.5, "pattern": "2:4"})).ties == "stable"
+    with pytest.raises(ValueError, match=r"nm_ties='first'; allowed: 'stable'.*'topk'"):
+        SparsitySpec.parse(0.5, "2:4", "first")
+    with pytest.raises(ValueError, match="ties='x'"):
+        nm_mask(scores, 2, 4, ties="x")

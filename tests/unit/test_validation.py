@@ -51,6 +51,7 @@ BAD = [
     (["device=meta"], "device='meta': device type 'meta' is not supported"),
     (["dtype=float8"], "dtype='float8' is not supported"),
     (["pattern=124"], "pattern=124 is an integer"),
+    (["nm_ties=first"], "nm_ties='first'; allowed: 'stable'"),
     (["benchmark.ppl.max_windows=0"], "benchmark.ppl.max_windows=0: must be null (all windows) or a positive"),
     (["benchmark.ppl.seqlen=1"], "benchmark.ppl.seqlen=1: must be an integer > 1"),
     (["benchmark.ppl.batch_size=0"], "benchmark.ppl.batch_size=0: must be a positive integer"),
