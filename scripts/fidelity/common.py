@@ -28,7 +28,7 @@ def say(*parts) -> None:
     logging.getLogger("fidelity").info(" ".join(map(str, parts)))
 
 
-REPOS = {name: str(ROOT / name / "repo") for name in ("ria", "dsnot", "pz")}
+REPOS = {name: str(ROOT / name / "repo") for name in ("ria", "dsnot", "pz", "wanda")}
 
 
 def parser():

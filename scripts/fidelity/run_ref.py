@@ -9,9 +9,9 @@ import torch
 from common import REPOS, dense_zeros, finish, layer_masks, load_model, parser
 
 p = parser()
-p.add_argument("--method", required=True, choices=["ria", "dsnot", "pz"])
+p.add_argument("--method", required=True, choices=["ria", "dsnot", "pz", "sparsegpt", "wanda"])
 args = p.parse_args()
-sys.path.insert(0, REPOS[args.method])
+sys.path.insert(0, REPOS["wanda" if args.method == "sparsegpt" else args.method])
 
 # fidelity patch: transformers 5 LLaMA layers need position_embeddings; the references pass position_ids only.
 from transformers.models.llama import modeling_llama as ml  # noqa: E402
@@ -38,6 +38,7 @@ def _forward(self, hidden_states, attention_mask=None, position_ids=None, positi
 ml.LlamaDecoderLayer.forward = _forward
 # fidelity patch: the references hard-code .cuda() for a sort and torch.cuda.synchronize; CPU here.
 torch.Tensor.cuda = lambda self, *a, **k: self
+torch.cuda.synchronize = lambda *a, **k: None
 if args.method == "pz":
     sys.modules["lib.ablate"] = types.SimpleNamespace(AblateGPT=None)  # missing from the repository
     import transformers
@@ -111,6 +112,18 @@ elif args.method == "dsnot":  # main.py defaults, README's --initial_method wand
     )
     with torch.no_grad():
         P.prune_DSnoT(a, model, tok, dev, prune_n=prune_n, prune_m=prune_m)
+elif args.method in ("sparsegpt", "wanda"):  # locuslab/wanda main.py defaults
+    a = SimpleNamespace(
+        seed=0,
+        nsamples=nsamples,
+        sparsity_ratio=args.sparsity,
+        sparsity_type=args.pattern,
+        prune_method=args.method,
+        use_variant=False,
+    )
+    with torch.no_grad():
+        fn = P.prune_sparsegpt if args.method == "sparsegpt" else P.prune_wanda
+        fn(a, model, tok, dev, prune_n=prune_n, prune_m=prune_m)
 else:  # Pruner-Zero: its gradient script's driver loop on the same windows, then prune_pruner_zero
     from lib.gptree import GPTree
     from lib.gradient_computation import GradientComputation

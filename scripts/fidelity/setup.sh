@@ -19,5 +19,6 @@ done <<'LIST'
 ria biomedical-cybernetics/Relative-importance-and-activation-pruning 7bc55b06924659ea977f7804b773ce3ef0d55c2f
 dsnot zyxxmu/DSnoT 4c029dfa66cae3dba7f4a77c78a524e272fc638c
 pz pprp/Pruner-Zero db70134ed7d4c521a57060fd698f353d04268429
+wanda locuslab/wanda 8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6
 LIST
 mkdir -p "$DIR/out" "$DIR/logs"
