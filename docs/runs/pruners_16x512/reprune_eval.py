@@ -1,0 +1,35 @@
+"""Diagnostic: WikiText2 ppl (first 40 windows) of an SDS job's re-pruned model before adjustment, for a
+mask-only pruner (RIA): reactivated weights times the re-prune masks, from the job's own checkpoint.
+Run from the repository root while the job directory still holds its checkpoint/:
+    .venv/bin/python docs/runs/pruners_16x512/reprune_eval.py outputs/multiruns/pruners_16x512/1 out.json
+"""
+import json, math, sys
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from sds_exp.evaluation.perplexity import eval_token_ids, window_losses
+
+torch.manual_seed(0)
+job = sys.argv[1]
+cfg = OmegaConf.load("conf/model/smollm2_135m.yaml")
+cfg.dtype = "float32"
+loaded = instantiate(cfg)
+model = getattr(loaded, "model", loaded)
+tok = getattr(loaded, "tokenizer", None)
+if isinstance(loaded, tuple):
+    model, tok = loaded[0], loaded[1]
+model.eval()
+w = load_file(f"{job}/checkpoint/reactivate/weights.safetensors")
+m = load_file(f"{job}/checkpoint/adjust/reprune_masks.safetensors")
+mods = dict(model.named_modules())
+with torch.no_grad():
+    for name, t in w.items():
+        mods[name].weight.copy_(t * m[name].to(t.dtype) if name in m else t)
+ids = eval_token_ids("wikitext2", tok, "../shared/data", 2048)
+with torch.no_grad():
+    losses = window_losses(model, ids, 2048, "cpu", max_windows=40)
+out = {"job": job, "ppl40": math.exp(losses.double().mean().item()), "ppl8": math.exp(losses[:8].double().mean().item()),
+       "losses": losses.tolist()}
+print(json.dumps({k: v for k, v in out.items() if k != "losses"}))
+json.dump(out, open(sys.argv[2], "w"))
