@@ -3,11 +3,17 @@ mask-only pruner (RIA): reactivated weights times the re-prune masks, from the j
 Run from the repository root while the job directory still holds its checkpoint/:
     .venv/bin/python docs/runs/pruners_16x512/reprune_eval.py outputs/multiruns/pruners_16x512/1 out.json
 """
-import json, math, sys
+
+import json
+import logging
+import math
+import sys
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+
 from sds_exp.evaluation.perplexity import eval_token_ids, window_losses
 
 torch.manual_seed(0)
@@ -29,7 +35,13 @@ with torch.no_grad():
 ids = eval_token_ids("wikitext2", tok, "../shared/data", 2048)
 with torch.no_grad():
     losses = window_losses(model, ids, 2048, "cpu", max_windows=40)
-out = {"job": job, "ppl40": math.exp(losses.double().mean().item()), "ppl8": math.exp(losses[:8].double().mean().item()),
-       "losses": losses.tolist()}
-print(json.dumps({k: v for k, v in out.items() if k != "losses"}))
-json.dump(out, open(sys.argv[2], "w"))
+out = {
+    "job": job,
+    "ppl40": math.exp(losses.double().mean().item()),
+    "ppl8": math.exp(losses[:8].double().mean().item()),
+    "losses": losses.tolist(),
+}
+logging.basicConfig(level=logging.INFO)
+logging.getLogger("reprune_eval").info(json.dumps({k: v for k, v in out.items() if k != "losses"}))
+with open(sys.argv[2], "w") as f:
+    json.dump(out, f)
