@@ -1,5 +1,6 @@
 """Diagnostic: WikiText2 ppl (first 40 windows) of an SDS job's re-pruned model before adjustment, for a
 mask-only pruner (RIA): reactivated weights times the re-prune masks, from the job's own checkpoint.
+A rerun does not need it: `benchmark.ppl.stage_max_windows=null` scores every stage on all 40 windows in the job.
 Run from the repository root while the job directory still holds its checkpoint/:
     .venv/bin/python docs/runs/pruners_16x512/reprune_eval.py outputs/multiruns/pruners_16x512/1 out.json
 """
@@ -20,12 +21,8 @@ torch.manual_seed(0)
 job = sys.argv[1]
 cfg = OmegaConf.load("conf/model/smollm2_135m.yaml")
 cfg.dtype = "float32"
-loaded = instantiate(cfg)
-model = getattr(loaded, "model", loaded)
-tok = getattr(loaded, "tokenizer", None)
-if isinstance(loaded, tuple):
-    model, tok = loaded[0], loaded[1]
-model.eval()
+loaded = instantiate(cfg)  # sds_exp.models.loading.LoadedModel
+model, tok = loaded.model.eval(), loaded.tokenizer
 w = load_file(f"{job}/checkpoint/reactivate/weights.safetensors")
 m = load_file(f"{job}/checkpoint/adjust/reprune_masks.safetensors")
 mods = dict(model.named_modules())
