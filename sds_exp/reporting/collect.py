@@ -471,8 +471,15 @@ def _calibration(job: JobRecord) -> str:
     return f"{job.choices.get('data', '?')} {_text(nsamples)}x{_text(seqlen)}"
 
 
-def write_jobs_csv(jobs: list[JobRecord], path: str | Path, metrics: list[str]) -> Path:
-    """One line per job (status, error, labels, the given metrics): the audit trail of a table."""
+def write_jobs_csv(
+    jobs: list[JobRecord], path: str | Path, metrics: list[str], replaced_by: dict[int, Path | None] | None = None
+) -> Path:
+    """One line per job (status, error, labels, the given metrics): the audit trail of a table.
+
+    ``replaced_by`` maps ``id(job)`` of a superseded job to the directory of the completed job that
+    replaces it (its ``superseded_by`` column).
+    """
+    replaced_by = replaced_by or {}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = describe_jobs(jobs)
@@ -481,6 +488,7 @@ def write_jobs_csv(jobs: list[JobRecord], path: str | Path, metrics: list[str]) 
         "num",
         "directory",
         "status",
+        "superseded_by",
         "error",
         "model",
         "pattern",
@@ -504,6 +512,7 @@ def write_jobs_csv(jobs: list[JobRecord], path: str | Path, metrics: list[str]) 
                     job.num,
                     job.directory or "",
                     job.status,
+                    replaced_by.get(id(job)) or "",
                     job.error or "",
                     lab.model,
                     lab.pattern,

@@ -13,6 +13,10 @@ Where the rows come from:
 - Failed, incomplete (``running``: killed or still going) and missing jobs print as FAILED /
   INCOMPLETE / MISSING in their cells, and are listed under the table with their error and
   directory.
+- Superseded jobs: a job without a result whose configuration (model, pattern, pruner, allocation,
+  sds, seed, variant) has a completed job in the same collection, e.g. a killed job rerun in another
+  sweep directory. It leaves its cell to the completed job and is listed under the table with the
+  directory that replaced it, instead of marking the cell ``[1/2 ok, KILLED]``.
 
 Every table states its protocol (:class:`Protocol`): the perplexity dataset, the evaluation window
 length and number of windows, the calibration set (source, nsamples x seqlen), the dtype and, for
@@ -49,6 +53,7 @@ __all__ = [
     "dataset_name",
     "Table",
     "build_table",
+    "supersessions",
     "to_markdown",
     "to_csv",
     "to_latex",
@@ -206,10 +211,14 @@ class Table:
     dataset: str = "wikitext2"
     protocol: Protocol | None = None
 
+    # (job without a result, the completed job with the same configuration that replaces it)
+    superseded: list[tuple[JobRecord, JobRecord]] = field(default_factory=list)
+
     @property
     def problems(self) -> list[JobRecord]:
-        """Jobs without a complete result."""
-        return [j for j in self.jobs if j.status != "completed"]
+        """Jobs without a complete result that no completed job replaces."""
+        replaced = {id(old) for old, _ in self.superseded}
+        return [j for j in self.jobs if j.status != "completed" and id(j) not in replaced]
 
 
 def _distinct(protocols: list[dict[str, str]], name: str) -> list[str]:
@@ -367,6 +376,17 @@ def _fill(
     cell.values = [statistics.fmean(v) for v in by_seed.values()]
 
 
+def supersessions(jobs: list[JobRecord], labels: list[JobLabel]) -> list[tuple[JobRecord, JobRecord]]:
+    """Each job without a result paired with the first completed job of the same label, if any."""
+    done: dict[JobLabel, JobRecord] = {}
+    for job, lab in zip(jobs, labels, strict=True):
+        if job.status == "completed":
+            done.setdefault(lab, job)
+    return [
+        (job, done[lab]) for job, lab in zip(jobs, labels, strict=True) if job.status != "completed" and lab in done
+    ]
+
+
 def build_table(
     jobs: list[JobRecord],
     paper: list[PaperNumber],
@@ -387,7 +407,9 @@ def build_table(
         The table; the writers only format it.
     """
     labels = describe_jobs(jobs)
-    pairs = list(zip(jobs, labels, strict=True))
+    superseded = supersessions(jobs, labels)
+    replaced = {id(old) for old, _ in superseded}
+    pairs = [(j, lab) for j, lab in zip(jobs, labels, strict=True) if id(j) not in replaced]
     metrics = [Metric(f"{ppl_dataset}/ppl", "ppl" if ppl_dataset == "wikitext2" else f"{ppl_dataset} ppl")]
     zs_name = f"zeroshot/average/{zeroshot_metric}"
     if any(k.endswith("/" + zs_name) for j in jobs for k in j.metrics) or any(
@@ -468,7 +490,7 @@ def build_table(
                 row.cells[(model, metric.name)] = cell
         rows.append(row)
 
-    table = Table(models, model_names, metrics, rows, jobs, stage, dataset=ppl_dataset)
+    table = Table(models, model_names, metrics, rows, jobs, stage, dataset=ppl_dataset, superseded=superseded)
     fields = tuple(f for f in PROTOCOL_FIELDS if len(metrics) > 1 or not f.startswith("0-shot"))
     table.protocol = Protocol.of(rows, models, ppl_dataset, fields)
     table.notes = _notes(table)
@@ -537,7 +559,8 @@ def _notes(table: Table) -> list[str]:
     counts = {
         s: sum(j.status == s for j in table.jobs) for s in ("completed", "failed", "killed", "running", "missing")
     }
-    notes.append(f"Jobs: {len(table.jobs)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}).")
+    tail = f"; {len(table.superseded)} of them superseded by a completed rerun" if table.superseded else ""
+    notes.append(f"Jobs: {len(table.jobs)} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}{tail}).")
     return notes
 
 
@@ -628,6 +651,28 @@ def to_markdown(table: Table, title: str | None = None) -> str:
             "|---|---|---|---|---|",
         ]
         lines += ["| " + " | ".join(esc(c) for c in line) + " |" for line in _problem_lines(table)]
+    if table.superseded:
+        lines += [
+            "",
+            "Superseded jobs (a completed job with the same configuration gives their cell):",
+            "",
+            "| job | status | directory | replaced by |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            "| "
+            + " | ".join(
+                esc(c)
+                for c in (
+                    old.name,
+                    {"running": "INCOMPLETE"}.get(old.status, old.status.upper()),
+                    str(old.directory) if old.directory else "(no directory)",
+                    str(new.directory),
+                )
+            )
+            + " |"
+            for old, new in table.superseded
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -749,6 +794,8 @@ def to_latex(table: Table, caption: str | None = None, label: str | None = None)
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     for job in _problem_lines(table):  # kept out of the typeset table, but in the file
         lines.append("% " + " | ".join(job))
+    for old, new in table.superseded:
+        lines.append(f"% superseded: {old.name} ({old.status}) {old.directory or '(no directory)'} -> {new.directory}")
     return "\n".join(lines) + "\n"
 
 
@@ -769,6 +816,7 @@ def write_table(table: Table, out_dir: str | Path, title: str | None = None) -> 
     paths["tex"].write_text(to_latex(table, title), encoding="utf-8")
     stage_metrics = [f"{s}/{m.name}" for s in ("dense", "prune", table.stage) for m in table.metrics]
     stage_metrics += [f"{s}/{table.dataset}/windows" for s in ("dense", "prune", table.stage)]
-    write_jobs_csv(table.jobs, paths["jobs"], list(dict.fromkeys(stage_metrics)))
+    replaced_by = {id(old): new.directory for old, new in table.superseded}
+    write_jobs_csv(table.jobs, paths["jobs"], list(dict.fromkeys(stage_metrics)), replaced_by)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

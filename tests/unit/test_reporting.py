@@ -363,6 +363,67 @@ def test_job_rerun_in_place_takes_its_slot(opt_sweep):
     )
 
 
+def _split_sweeps(tmp_path, rerun_seeds: list[str]) -> tuple[Path, Path]:
+    """Sweep A: SDS-Wanda 2:4 and 50%; its 2:4 job was killed, its 50% job never launched.
+    Sweep B reruns both cells, with the seeds given, in its own directory (the docs' recipe)."""
+    params = {"pattern": '"2:4",unstructured'}
+    grid = grid_of(("pattern", ['"2:4"', "unstructured"]))
+    killed = stage_metrics(["dense", "prune"], {"dense": 20.0, "prune": 150.0})
+    killed["metrics"].pop("final/wikitext2/ppl")
+    killed |= {"status": "killed", "error": "killed by SIGTERM"}
+    first = write_sweep(tmp_path / "a", params, [], grid, lambda n, s: killed if n == 0 else "nodir")
+    ppl = {"2:4": (150.0, 120.0), "unstructured": (53.0, 51.0)}
+
+    def rerun(num: int, s: dict):
+        pruned, final = ppl[s["pattern"]]
+        return stage_metrics(["dense", "prune", "adjust"], {"dense": 20.0, "prune": pruned, "adjust": final})
+
+    task = [f"seed={','.join(rerun_seeds)}"]
+    grid_b = grid_of(("pattern", ['"2:4"', "unstructured"]), ("seed", rerun_seeds))
+    return first, write_sweep(tmp_path / "b", params, task, grid_b, rerun)
+
+
+def test_a_rerun_elsewhere_supersedes_the_killed_and_missing_jobs(tmp_path):
+    """A completed job of the same configuration in another sweep fills the cell: no [1/2 ok, KILLED],
+    and the killed / never-launched jobs are listed as superseded, with the directory that replaced them."""
+    first, second = _split_sweeps(tmp_path, ["0"])
+    jobs = collect_jobs(first, second)
+    assert [j.status for j in jobs] == ["killed", "missing", "completed", "completed"]
+    table = build_table(jobs, [])
+    assert [(old.name, new.directory) for old, new in table.superseded] == [("#0", second / "0"), ("#1", second / "1")]
+    assert table.problems == []
+    md = to_markdown(table)
+    assert markdown_rows(md)[1:] == [
+        ["0%", "Dense", "20.00"],
+        ["2:4", "Wanda", "150.00†"],
+        ["2:4", "SDS-Wanda", "120.00"],
+        ["50%", "Wanda", "53.00†"],
+        ["50%", "SDS-Wanda", "51.00"],
+    ]
+    assert "Jobs: 4 (2 completed, 1 killed, 1 missing; 2 of them superseded by a completed rerun)." in md
+    assert f"| #0 | KILLED | {first / '0'} | {second / '0'} |" in md
+    assert f"| #1 | MISSING | (no directory) | {second / '1'} |" in md
+    assert "Jobs without a result" not in md
+    assert f"% superseded: #0 (killed) {first / '0'} -> {second / '0'}" in to_latex(table)
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "scripts" / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(first), str(second), "--out", str(tmp_path / "t"), "--strict"]) == 0
+    with (tmp_path / "t" / "jobs.csv").open() as fh:
+        audit = {(r["sweep"], r["num"]): r["superseded_by"] for r in csv.DictReader(fh)}
+    assert audit[(str(first), "0")] == str(second / "0") and audit[(str(second), "0")] == ""
+
+
+def test_a_rerun_of_another_seed_does_not_supersede(tmp_path):
+    """Only the same configuration replaces a job: a rerun with seed 1 leaves seed 0's cells partial."""
+    first, second = _split_sweeps(tmp_path, ["1"])
+    table = build_table(collect_jobs(first, second), [])
+    assert table.superseded == [] and [j.status for j in table.problems] == ["killed", "missing"]
+    rows = markdown_rows(to_markdown(table))
+    assert ["2:4", "SDS-Wanda", "120.00 [1/2 ok, KILLED]"] in rows
+    assert ["50%", "SDS-Wanda", "51.00 [1/2 ok, MISSING]"] in rows
+
+
 def test_csv_and_latex(opt_sweep, tmp_path):
     from sds_exp.reporting import write_table
 
